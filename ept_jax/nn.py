@@ -153,7 +153,7 @@ class AdaptedLinear(nnx.Module):
         self.adapter = adapter
         self.name = name
         self.stack = stack
-        self.contrastive = contrastive
+        self.counts_contrastive = contrastive
         self.index = index
 
     def __call__(self, x: Array, ctx: AdapterContext | None = None) -> Array:
@@ -163,7 +163,7 @@ class AdaptedLinear(nnx.Module):
         if ctx.dropout_rng is not None:
             ctx = ctx.replace(dropout_rng=jax.random.fold_in(ctx.dropout_rng, self.index))
         delta = self.adapter(x, ctx)
-        if self.contrastive:
+        if self.counts_contrastive:
             loss = self.adapter.contrastive_loss(x, ctx.task_ids)
             if loss is not None:
                 self.sow(AuxLoss, "contrastive", loss)
@@ -174,8 +174,8 @@ class AdaptedLinear(nnx.Module):
 class Injection:
     """Where adapters go: Hugging Face Linear names (``q``, ``wi_0``, ``q_proj`` ...) and the adapter config.
 
-    ``adapter`` is an ``ept_jax.adapters.AdapterConfig``; ``make`` builds an adapter from it:
-    ``make(cfg, d_in, d_out, rngs=rngs) -> Adapter``.
+    ``adapter`` is an ``ept_jax.adapters.AdapterConfig``; ``ept_jax.adapters.make_adapter`` builds each Linear's
+    adapter from it, giving the adapter the base kernel's logical axes.
     """
 
     adapter: Any
@@ -212,7 +212,7 @@ class Injector:
         from ept_jax.adapters import make_adapter  # local import: adapters imports this module
 
         self.seen_targets.add(short_name)
-        adapter = make_adapter(inj.adapter, d_in, d_out, rngs=rngs)
+        adapter = make_adapter(inj.adapter, d_in, d_out, rngs=rngs, axes=tuple(axes))
         lin = AdaptedLinear(
             base,
             adapter,

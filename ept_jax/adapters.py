@@ -1,0 +1,458 @@
+"""Adapter modules (NNX) implementing :class:`ept_jax.nn.Adapter`: EPT here, the baselines in ``baselines.py``.
+
+Everything is selected by one frozen, hashable :class:`AdapterConfig`; :func:`make_adapter` dispatches on
+``cfg.kind`` through a registry (:func:`register_adapter`) so new kinds plug in without touching callers.
+The EPT formulas themselves live in :mod:`ept_jax.pyramid`; this module owns parameters, their
+initialisation, logical axis names, dropout and the choice of forward path.
+
+Parameters are stored in the PyTorch layout the issue uses (``A (r, d_in // 2)``, ``B (d_out // 2, r)``,
+reference kernels ``(d_out // k, k)``, paper kernels ``(k, k)``, gate ``(n_experts, d_in)`` + bias, task
+embedding ``(n_task_rows, d_in)``), so the formulas read like the paper and the release's checkpoints import
+with a reshape of the kernels only (:mod:`ept_jax.checkpoints.reference`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ept_jax import pyramid
+from ept_jax.nn import Adapter, AdapterContext, AdapterParam, param
+
+Array = jax.Array
+
+VARIANTS = ("reference", "paper")
+INITS = (None, "default", "gaussian")
+FORWARD_PATHS = ("fast", "materialized", "conv")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """What adapter goes into each targeted Linear, and how it is built. Frozen and hashable.
+
+    Attributes:
+      kind: registry key: ``"ept"``, ``"lora"``, ``"moelora"``, ``"dcft"`` (see :func:`registered_kinds`).
+      variant: EPT/DCFT: ``"reference"`` (what the released code computes; PyTorch default init, the adapter is
+        not zero at step 0) or ``"paper"`` (Kronecker expansion, Gaussian ``A``/``B``, zero kernels).
+      r: rank of the meta seed (EPT/DCFT), of LoRA, or the total rank shared by MoE-LoRA experts.
+      alpha: the adapter output is scaled by ``alpha / r``.
+      expert_kernel_sizes: one kernel size per EPT expert. Homogeneous EPT (the paper's EPT-2/4/6/8 ablation)
+        is ``(k,) * 8``. DCFT uses the single entry when there is exactly one, else its paper's kernel 2.
+      top_k: experts mixed per task; None = dense softmax mixture of all experts (ablation).
+      n_tasks: tasks the model is trained on (``merge``/``to_lora`` accept ``0 <= task < n_tasks``).
+      n_task_rows: rows of each Linear's task embedding (the release: always 8); ``n_tasks <= n_task_rows``.
+      dropout: dropout rate on the adapter's input in training (the release: 0.1).
+      init: None = the variant's own init; ``"default"`` (PyTorch Linear init: kaiming-uniform a=sqrt(5)) or
+        ``"gaussian"`` (``N(0, (1/r)^2)``, PEFT's "gaussian" convention) for ``A`` and ``B`` (ablation). LoRA and
+        MoE-LoRA apply it to ``A`` (their ``B`` is always zero); kernels always follow the variant.
+      alp: Adaptive LoRA Pruner on/off (ablation). On: experts slice one shared meta seed. Off: every expert owns
+        independent factors of exactly its slice's size, ``A_e (r, d_in // k)`` and ``B_e (d_out // k, r)``; so
+        "off" removes the *sharing* of the meta knowledge while keeping each expert's shape and rank.
+      dim_scaling: the paper's dimension-aware ``d_t / T`` scaling of each expert's output (see
+        :func:`ept_jax.pyramid.expert_scales` for the interpretation); the release does not implement it.
+      contrastive_tau: temperature of the contrastive task-embedding loss.
+      n_moe_experts: MoE-LoRA experts; each has rank ``r // n_moe_experts`` (MOELoRA splits one rank budget
+        over its experts, so MoE-LoRA costs as many parameters as LoRA of rank ``r`` plus its router).
+      param_dtype: dtype of the adapter parameters (``"float32"``, ``"bfloat16"``, ``"float64"`` ...).
+      forward_path: EPT/DCFT: ``"fast"`` (never materialises a delta; training), ``"materialized"`` (per-task
+        deltas, then ``x @ dW.T``) or ``"conv"`` (the ``lax.conv_transpose`` definition); for benchmarks.
+    """
+
+    kind: str = "ept"
+    variant: str = "reference"
+    r: int = 8
+    alpha: float = 32.0
+    expert_kernel_sizes: tuple[int, ...] = (2, 2, 4, 4, 6, 6, 8, 8)
+    top_k: int | None = 2
+    n_tasks: int = 8
+    n_task_rows: int = 8
+    dropout: float = 0.1
+    init: str | None = None
+    alp: bool = True
+    dim_scaling: bool = False
+    contrastive_tau: float = 0.05
+    n_moe_experts: int = 8
+    param_dtype: str = "float32"
+    forward_path: str = "fast"
+
+    @property
+    def scale(self) -> float:
+        """``alpha / r``."""
+        return float(self.alpha) / self.r
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registry and validation.
+# ----------------------------------------------------------------------------------------------------------
+
+AdapterFactory = Callable[..., Adapter]
+_REGISTRY: dict[str, tuple[AdapterFactory, Callable[[AdapterConfig, int, int], None] | None]] = {}
+
+
+def register_adapter(kind: str, validator: Callable[[AdapterConfig, int, int], None] | None = None):
+    """Class decorator: registers an adapter class (``cls(cfg, d_in, d_out, *, rngs, axes)``) under ``kind``.
+
+    ``validator(cfg, d_in, d_out)`` runs after the common checks of :func:`validate` and raises ValueError.
+    """
+
+    def wrap(cls):
+        if kind in _REGISTRY and _REGISTRY[kind][0] is not cls:
+            raise ValueError(f"adapter kind {kind!r} is already registered to {_REGISTRY[kind][0].__name__}")
+        _REGISTRY[kind] = (cls, validator)
+        return cls
+
+    return wrap
+
+
+def _load_builtin_kinds() -> None:
+    # baselines.py imports this module, so it is imported lazily to register its kinds.
+    from ept_jax import baselines  # noqa: F401
+
+
+def registered_kinds() -> tuple[str, ...]:
+    """All adapter kinds :func:`make_adapter` accepts."""
+    _load_builtin_kinds()
+    return tuple(sorted(_REGISTRY))
+
+
+def _dtype(name: str):
+    try:
+        dt = jnp.dtype(name)
+    except TypeError as err:
+        raise ValueError(f"param_dtype={name!r} is not a dtype; use e.g. 'float32', 'bfloat16', 'float64'") from err
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"param_dtype={name!r} must be a floating dtype (float32, bfloat16, float64, ...)")
+    return dt
+
+
+def validate(cfg: AdapterConfig, d_in: int, d_out: int) -> None:
+    """Raises ValueError naming the bad value (and what is accepted) if ``cfg`` cannot adapt ``d_in -> d_out``."""
+    kinds = registered_kinds()
+    if cfg.kind not in kinds:
+        raise ValueError(f"adapter kind={cfg.kind!r} is unknown; accepted: {kinds}")
+    if not (isinstance(d_in, int) and isinstance(d_out, int)) or d_in < 1 or d_out < 1:
+        raise ValueError(f"Linear dimensions d_in={d_in!r}, d_out={d_out!r} must be positive integers")
+    if not isinstance(cfg.r, int) or cfg.r < 1:
+        raise ValueError(f"r={cfg.r!r}: the rank must be an integer >= 1")
+    if not (isinstance(cfg.alpha, (int, float)) and math.isfinite(cfg.alpha) and cfg.alpha > 0):
+        raise ValueError(f"alpha={cfg.alpha!r}: must be a finite number > 0")
+    if not (isinstance(cfg.dropout, (int, float)) and 0.0 <= cfg.dropout < 1.0):
+        raise ValueError(f"dropout={cfg.dropout!r}: accepted 0 <= dropout < 1")
+    if cfg.init not in INITS:
+        raise ValueError(f"init={cfg.init!r}: accepted values are {INITS}")
+    if not isinstance(cfg.n_tasks, int) or cfg.n_tasks < 1:
+        raise ValueError(f"n_tasks={cfg.n_tasks!r}: must be an integer >= 1")
+    if not isinstance(cfg.n_task_rows, int) or cfg.n_tasks > cfg.n_task_rows:
+        raise ValueError(
+            f"n_tasks={cfg.n_tasks} > n_task_rows={cfg.n_task_rows!r}: each task needs its own task-embedding row "
+            "(the release has 8 rows; raise n_task_rows for more tasks)"
+        )
+    if cfg.forward_path not in FORWARD_PATHS:
+        raise ValueError(f"forward_path={cfg.forward_path!r}: accepted values are {FORWARD_PATHS}")
+    _dtype(cfg.param_dtype)
+    validator = _REGISTRY[cfg.kind][1]
+    if validator is not None:
+        validator(cfg, d_in, d_out)
+
+
+def _validate_ept(cfg: AdapterConfig, d_in: int, d_out: int) -> None:
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"variant={cfg.variant!r}: accepted values are {VARIANTS}")
+    ks = cfg.expert_kernel_sizes
+    if not isinstance(ks, tuple) or not ks or not all(isinstance(k, int) for k in ks):
+        raise ValueError(
+            f"expert_kernel_sizes={ks!r}: must be a non-empty tuple of ints (a tuple keeps the config hashable)"
+        )
+    if cfg.variant == "reference":
+        bad = [k for k in ks if k < 2]
+        if bad:
+            raise ValueError(
+                f"expert_kernel_sizes={ks}: kernel size(s) {bad} < 2; the reference variant slices a meta seed of "
+                "d_in // 2 columns, so every kernel size must be >= 2"
+            )
+        too_big = [k for k in ks if k > min(d_in, d_out)]
+        if too_big:
+            raise ValueError(
+                f"expert_kernel_sizes={ks}: kernel size(s) {too_big} exceed min(d_in, d_out)={min(d_in, d_out)} "
+                f"of the {d_in}->{d_out} Linear (the expert would read an empty slice)"
+            )
+    else:
+        bad = [k for k in ks if k < 1 or d_in % k or d_out % k]
+        if bad:
+            raise ValueError(
+                f"expert_kernel_sizes={ks}: kernel size(s) {bad} do not divide d_in={d_in} and d_out={d_out}; the "
+                "paper variant (Kronecker expansion) needs k >= 1 with k | d_in and k | d_out"
+            )
+    if cfg.kind == "ept":
+        if cfg.top_k is not None and not (isinstance(cfg.top_k, int) and 1 <= cfg.top_k <= len(ks)):
+            raise ValueError(f"top_k={cfg.top_k!r}: accepted 1..{len(ks)} (the number of experts) or None")
+        if not cfg.contrastive_tau > 0:
+            raise ValueError(f"contrastive_tau={cfg.contrastive_tau!r}: must be > 0")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Initialisers (PyTorch conventions, PyTorch layout).
+# ----------------------------------------------------------------------------------------------------------
+
+
+def torch_default_init(key: Array, shape: tuple[int, ...], dtype, fan_in: int | None = None) -> Array:
+    """PyTorch's default Linear init ``kaiming_uniform_(a=sqrt(5))``: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
+
+    ``fan_in`` defaults to PyTorch's: ``shape[1] * prod(shape[2:])``.
+    """
+    fan_in = fan_in if fan_in is not None else int(np.prod(shape[1:]))
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def kaiming_uniform_relu(key: Array, shape: tuple[int, ...], dtype) -> Array:
+    """``kaiming_uniform_(mode='fan_in', nonlinearity='relu')``: ``U(+-sqrt(6 / fan_in))``, fan_in ``shape[1]``."""
+    bound = math.sqrt(6.0 / shape[1])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def init_ab(kind: str, key: Array, shape: tuple[int, ...], r: int, dtype) -> Array:
+    """``A``/``B`` init: ``"default"`` (:func:`torch_default_init`) or ``"gaussian"`` (``N(0, (1/r)^2)``)."""
+    if kind == "gaussian":
+        return jax.random.normal(key, shape, dtype) / r
+    return torch_default_init(key, shape, dtype)
+
+
+def _axes(axes: tuple[str | None, str | None] | None) -> tuple[str | None, str | None]:
+    """The base kernel's ``(input, output)`` logical axis names, or replicated when unknown."""
+    if axes is None:
+        return None, None
+    if len(axes) != 2:
+        raise ValueError(f"axes={axes!r}: expected the base kernel's (input, output) logical axis names")
+    return axes[0], axes[1]
+
+
+def dropout(x: Array, rate: float, ctx: AdapterContext) -> Array:
+    """Inverted dropout on the adapter input when ``ctx`` asks for it (a key and not deterministic)."""
+    if rate == 0.0 or ctx.deterministic or ctx.dropout_rng is None:
+        return x
+    keep = jax.random.bernoulli(ctx.dropout_rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _check_task(task, n_tasks: int) -> None:
+    """Range-checks a concrete task id (traced ids are left to the caller)."""
+    if isinstance(task, (int, np.integer)) and not 0 <= int(task) < n_tasks:
+        raise ValueError(f"task={task}: accepted 0 <= task < n_tasks={n_tasks}")
+
+
+def _check_input(x: Array, d_in: int, task_ids: Array | None) -> None:
+    if x.ndim < 2 or x.shape[-1] != d_in:
+        raise ValueError(f"adapter input of shape {x.shape}: expected (batch, ..., {d_in})")
+    if task_ids is None:
+        raise ValueError("the adapter needs ctx.task_ids (batch,) to route; got None")
+    if task_ids.shape != x.shape[:1]:
+        raise ValueError(f"task_ids of shape {task_ids.shape} do not match the batch of x {x.shape}")
+
+
+def count_params(module: nnx.Module) -> int:
+    """Number of trainable (``AdapterParam``) scalars in ``module``."""
+    return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(module, AdapterParam)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# EPT.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@register_adapter("ept", _validate_ept)
+class EPTAdapter(Adapter):
+    """Expert Pyramid Tuning on one Linear ``d_in -> d_out`` (both variants; see :mod:`ept_jax.pyramid`).
+
+    Parameters (all :class:`~ept_jax.nn.AdapterParam`, PyTorch layout):
+      ``A (r, seed_in)``, ``B (seed_out, r)``: the meta seed (ALP off: ``nnx.List`` of per-expert factors);
+      ``kernels``: ``nnx.List`` of ``(d_out // k, k)`` (reference) or ``(k, k)`` (paper) per expert;
+      ``gate_w (n_experts, d_in)``, ``gate_b (n_experts,)``, ``task_embedding (n_task_rows, d_in)``: the router
+      (absent when ``routed`` is False, as in DCFT: one expert with weight 1).
+
+    Init (``variant="reference"``, as the release): ``A``, ``B`` and every kernel PyTorch's default Linear init
+    (kernels with ``fan_in = h * k`` of the release's ``(1, h, k, 1)`` tensor), so the adapter is *not* zero at
+    step 0; gate weight kaiming-uniform (fan_in, relu), gate bias PyTorch's Linear bias init, task embedding
+    ``N(0, 0.01^2)``. ``variant="paper"``: ``A``, ``B`` Gaussian, kernels zero (no change at step 0).
+
+    The contrastive loss uses the Linear's input *before* dropout: in the released layer (a fork of MoRE's
+    PEFT LoRA layer) dropout is applied inline inside the adapter branch, and the similarity is computed from
+    the untouched ``x[:, 0, :]``.
+    """
+
+    def __init__(
+        self,
+        cfg: AdapterConfig,
+        d_in: int,
+        d_out: int,
+        *,
+        rngs: nnx.Rngs,
+        axes: tuple[str | None, str | None] | None = None,
+        expansion: str | None = None,
+        kernel_sizes: tuple[int, ...] | None = None,
+        routed: bool = True,
+    ):
+        validate(cfg, d_in, d_out)
+        self.cfg = cfg
+        self.d_in, self.d_out = d_in, d_out
+        self.routed = routed
+        ks = tuple(kernel_sizes if kernel_sizes is not None else cfg.expert_kernel_sizes)
+        self.pyramid = pyramid.Pyramid(expansion or cfg.variant, d_in, d_out, ks, alp=cfg.alp)
+        self.expert_scales = pyramid.expert_scales(self.pyramid) if cfg.dim_scaling else (1.0,) * len(ks)
+        dtype = _dtype(cfg.param_dtype)
+        in_ax, out_ax = _axes(axes)
+        ab_init = cfg.init or ("default" if cfg.variant == "reference" else "gaussian")
+        r = cfg.r
+
+        def ab(shape_a, shape_b):
+            a = param(init_ab(ab_init, rngs.params(), shape_a, r, dtype), ("lora_rank", in_ax), AdapterParam)
+            b = param(init_ab(ab_init, rngs.params(), shape_b, r, dtype), (out_ax, "lora_rank"), AdapterParam)
+            return a, b
+
+        if cfg.alp:
+            seed_in, seed_out = self.pyramid.seed_shape
+            self.A, self.B = ab((r, seed_in), (seed_out, r))
+        else:
+            pairs = [ab((r, d_in // k), (d_out // k, r)) for k in ks]
+            self.A = nnx.List([a for a, _ in pairs])
+            self.B = nnx.List([b for _, b in pairs])
+
+        def kernel(e):
+            shape = self.pyramid.kernel_shape(e)
+            if cfg.variant == "paper":
+                value = jnp.zeros(shape, dtype)
+            else:
+                # the release's tensor is (1, h, k, 1), a conv kernel (1, 1, k, k): fan_in = prod(shape).
+                value = torch_default_init(rngs.params(), shape, dtype, fan_in=int(np.prod(shape)))
+            return param(value, (None, "kernel"), AdapterParam)
+
+        self.kernels = nnx.List([kernel(e) for e in range(len(ks))])
+        if routed:
+            n = len(ks)
+            self.gate_w = param(kaiming_uniform_relu(rngs.params(), (n, d_in), dtype), ("experts", in_ax), AdapterParam)
+            self.gate_b = param(torch_default_init(rngs.params(), (n,), dtype, fan_in=d_in), ("experts",), AdapterParam)
+            emb = 0.01 * jax.random.normal(rngs.params(), (cfg.n_task_rows, d_in), dtype)
+            self.task_embedding = param(emb, ("tasks", in_ax), AdapterParam)
+        else:
+            self.gate_w = self.gate_b = self.task_embedding = None
+
+    # -- parameters as plain arrays -------------------------------------------------------------------------
+
+    def _factors(self, dtype=None):
+        cast = (lambda a: a.astype(dtype)) if dtype is not None else (lambda a: a)
+        if self.cfg.alp:
+            A, B = cast(self.A[...]), cast(self.B[...])
+        else:
+            A, B = [cast(a[...]) for a in self.A], [cast(b[...]) for b in self.B]
+        return A, B, [cast(k[...]) for k in self.kernels]
+
+    def routing(self) -> tuple[Array, Array]:
+        """``(weights (n_task_rows, n_experts), idx (n_task_rows, top_k))``: the router's choice for every row."""
+        if not self.routed:
+            n = self.pyramid.n_experts
+            return jnp.ones((1, n), self.kernels[0][...].dtype) / n, jnp.arange(n)[None]
+        return pyramid.route(self.gate_w[...], self.gate_b[...], self.task_embedding[...], self.cfg.top_k)
+
+    def row_weights(self) -> Array:
+        """``(n_rows, n_experts)`` mixing weights with ``alpha / r`` and the expert scales folded in."""
+        w, _ = self.routing()
+        return w * jnp.asarray(self.expert_scales, w.dtype) * self.cfg.scale
+
+    def _task_rows(self, task_ids: Array) -> Array:
+        return jnp.zeros_like(task_ids) if not self.routed else task_ids
+
+    # -- Adapter interface ----------------------------------------------------------------------------------
+
+    def __call__(self, x: Array, ctx: AdapterContext) -> Array:
+        """The scaled adapter output: ``x (B, ..., d_in)`` -> ``(B, ..., d_out)``, routed by ``ctx.task_ids``.
+
+        Uses ``cfg.forward_path``; see :meth:`apply`.
+        """
+        return self.apply(x, ctx, self.cfg.forward_path)
+
+    def apply(self, x: Array, ctx: AdapterContext, path: str = "fast") -> Array:
+        """The adapter output through a chosen path (all exact to rounding; for tests and benchmarks).
+
+        Args:
+          x: ``(B, ..., d_in)`` batch first; ``ctx.task_ids`` ``(B,)`` picks each example's task row.
+          path: ``"fast"`` (never materialises a delta), ``"materialized"`` (per-task deltas, then
+            ``x @ dW.T``) or ``"conv"`` (every expert's delta by its ``lax.conv_transpose`` definition).
+        Returns:
+          ``(B, ..., d_out)`` in ``x``'s dtype.
+        """
+        if path not in FORWARD_PATHS:
+            raise ValueError(f"path={path!r}: accepted values are {FORWARD_PATHS}")
+        _check_input(x, self.d_in, ctx.task_ids)
+        x = dropout(x, self.cfg.dropout, ctx)
+        A, B, kernels = self._factors(x.dtype)
+        rows = self.row_weights().astype(x.dtype)
+        task_ids = self._task_rows(ctx.task_ids)
+        if path == "fast":
+            return pyramid.forward_fast(self.pyramid, x, A, B, kernels, rows[task_ids])
+        fn = pyramid.forward_materialized if path == "materialized" else pyramid.forward_conv
+        return fn(self.pyramid, x, A, B, kernels, rows, task_ids)
+
+    def merge(self, task: int | Array) -> Array:
+        """Task ``task``'s scaled delta ``(d_out, d_in)`` (PyTorch layout) for zero-latency inference."""
+        _check_task(task, self.cfg.n_tasks)
+        A, B, kernels = self._factors()
+        row = 0 if not self.routed else task
+        return pyramid.mixture_delta(self.pyramid, A, B, kernels, self.row_weights()[row])
+
+    def to_lora(self, task: int | Array) -> tuple[Array, Array]:
+        """Exact factors ``(B' (d_out, R), A' (R, d_in))`` of ``merge(task)``.
+
+        ``R = r * top_k`` (reference; ``r * n_experts`` without top-k), ``r * sum(k_e)`` over the routed experts
+        (paper). The paper variant needs a concrete ``task``.
+        """
+        _check_task(task, self.cfg.n_tasks)
+        A, B, kernels = self._factors()
+        _, idx = self.routing()
+        row = 0 if not self.routed else task
+        if self.pyramid.expansion == "paper":
+            try:
+                row = int(row)
+            except (jax.errors.ConcretizationTypeError, TypeError) as err:
+                raise ValueError(
+                    "to_lora of the paper variant needs a concrete task id (its rank depends on the routed "
+                    "experts); call it outside jit"
+                ) from err
+        return pyramid.lora_factors(self.pyramid, A, B, kernels, self.row_weights()[row], idx[row])
+
+    def contrastive_loss(self, x: Array, task_ids: Array) -> Array | None:
+        """Contrastive task-embedding loss on ``x[:, 0, :]`` (``x (B, S, d_in)``); None when not routed."""
+        if not self.routed:
+            return None
+        if x.ndim != 3 or x.shape[-1] != self.d_in:
+            raise ValueError(f"contrastive loss input of shape {x.shape}: expected (batch, seq, {self.d_in})")
+        dt = jnp.promote_types(x.dtype, jnp.float32)
+        return pyramid.contrastive_loss(
+            x[:, 0, :].astype(dt), self.task_embedding[...].astype(dt), task_ids, self.cfg.contrastive_tau
+        )
+
+
+def make_adapter(
+    cfg: AdapterConfig,
+    d_in: int,
+    d_out: int,
+    *,
+    rngs: nnx.Rngs,
+    axes: tuple[str | None, str | None] | None = None,
+) -> Adapter:
+    """Builds the adapter ``cfg.kind`` for a ``d_in -> d_out`` Linear.
+
+    Args:
+      axes: the base kernel's ``(input, output)`` logical axis names; ``A``'s input dimension and ``B``'s output
+        dimension take them (None: replicated).
+    Raises:
+      ValueError: an unknown kind or a configuration that cannot adapt this Linear (see :func:`validate`).
+    """
+    validate(cfg, d_in, d_out)
+    cls = _REGISTRY[cfg.kind][0]
+    return cls(cfg, d_in, d_out, rngs=rngs, axes=axes)

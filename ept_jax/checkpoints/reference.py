@@ -1,0 +1,229 @@
+"""Import adapters saved by the released PyTorch implementation of EPT (a modified PEFT LoRA layer).
+
+The release saves a PEFT-style state dict (``adapter_model.safetensors``, or ``adapter_model.bin``) with, per
+adapted Linear (``<prefix> = base_model.model.<Hugging Face module path>``), PyTorch layout:
+
+* ``<prefix>.lora_A.weight`` ``(r, d_in // 2)`` -> ``A``
+* ``<prefix>.lora_B.weight`` ``(d_out // 2, r)`` -> ``B``
+* ``<prefix>.lora_expert_kernels.<e>`` ``(1, d_out // k_e, k_e, 1)`` -> ``kernels[e]`` ``(d_out // k_e, k_e)``
+* ``<prefix>.lora_gate.0.weight`` ``(n_experts, d_in)`` and ``.bias`` ``(n_experts,)`` -> ``gate_w``, ``gate_b``
+* ``<prefix>.lora_task_embedding.weight`` ``(8, d_in)`` -> ``task_embedding``
+
+(PEFT's ``.default`` adapter-name component, when present, is ignored.) Our :class:`EPTAdapter` stores the
+same layout, so only the kernels are reshaped (``(1, h, k, 1) -> (h, k)``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ept_jax.adapters import EPTAdapter
+from ept_jax.nn import adapted_linears
+
+PREFIX = "base_model.model."
+_KEY = re.compile(
+    r"^base_model\.model\.(?P<path>.+?)\."
+    r"(?P<name>lora_A|lora_B|lora_expert_kernels|lora_gate|lora_task_embedding)"
+    r"(?:\.default)?\.(?P<rest>.+)$"
+)
+# tensor name inside one module -> (our entry, how to convert it)
+_TENSORS = {
+    ("lora_A", "weight"): "A",
+    ("lora_B", "weight"): "B",
+    ("lora_gate", "0.weight"): "gate_w",
+    ("lora_gate", "0.bias"): "gate_b",
+    ("lora_task_embedding", "weight"): "task_embedding",
+}
+MODULE_ENTRIES = ("A", "B", "kernels", "gate_w", "gate_b", "task_embedding")
+
+
+def _load_state_dict(directory: str) -> dict[str, np.ndarray]:
+    st = os.path.join(directory, "adapter_model.safetensors")
+    if os.path.exists(st):
+        from safetensors.numpy import load_file
+
+        return dict(load_file(st))
+    binf = os.path.join(directory, "adapter_model.bin")
+    if os.path.exists(binf):
+        import torch  # only needed for the release's older pickle format
+
+        sd = torch.load(binf, map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() for k, v in sd.items()}
+    raise FileNotFoundError(
+        f"no adapter_model.safetensors or adapter_model.bin in {directory!r}: expected a directory written by "
+        "the released EPT implementation (PEFT save_pretrained)"
+    )
+
+
+def read_reference_adapter(directory: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Reads a release adapter directory into per-module arrays in our layout.
+
+    Args:
+      directory: holds ``adapter_model.safetensors`` (or ``.bin``) and optionally ``adapter_config.json``.
+    Returns:
+      ``meta``: the PEFT ``adapter_config.json`` contents (empty if absent) plus ``expert_kernel_sizes`` (read
+      off the kernel shapes; a tuple, or None when modules disagree) and ``unrecognized_keys`` (a list);
+      ``modules``: ``{hf_module_path: {"A": (r, d_in//2), "B": (d_out//2, r), "kernels": [(d_out//k, k), ...],
+      "gate_w": (n_experts, d_in), "gate_b": (n_experts,), "task_embedding": (8, d_in)}}`` as float numpy
+      arrays (entries missing from the file are absent).
+    Raises:
+      FileNotFoundError: no state dict in ``directory``.
+      ValueError: a kernel that is not ``(1, h, k, 1)`` or an expert index gap, naming the key.
+    """
+    meta: dict[str, Any] = {}
+    cfg_path = os.path.join(directory, "adapter_config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            meta.update(json.load(f))
+    state = _load_state_dict(directory)
+    modules: dict[str, dict[str, Any]] = {}
+    kernels: dict[str, dict[int, np.ndarray]] = {}
+    unrecognized: list[str] = []
+    for key in sorted(state):
+        match = _KEY.match(key)
+        if match is None:
+            unrecognized.append(key)
+            continue
+        path, name, rest = match["path"], match["name"], match["rest"]
+        value = np.asarray(state[key])
+        if name == "lora_expert_kernels":
+            if not rest.isdigit():
+                unrecognized.append(key)
+                continue
+            if value.ndim != 4 or value.shape[0] != 1 or value.shape[3] != 1:
+                raise ValueError(f"{key}: expert kernel of shape {value.shape}, expected (1, d_out // k, k, 1)")
+            kernels.setdefault(path, {})[int(rest)] = value[0, :, :, 0]
+            modules.setdefault(path, {})
+            continue
+        entry = _TENSORS.get((name, rest))
+        if entry is None:
+            unrecognized.append(key)
+            continue
+        modules.setdefault(path, {})[entry] = value
+    sizes = set()
+    for path, ks in kernels.items():
+        n = len(ks)
+        if sorted(ks) != list(range(n)):
+            raise ValueError(f"{PREFIX}{path}.lora_expert_kernels: expert indices {sorted(ks)} are not 0..{n - 1}")
+        modules[path]["kernels"] = [ks[e] for e in range(n)]
+        sizes.add(tuple(int(ks[e].shape[1]) for e in range(n)))
+    meta["expert_kernel_sizes"] = sizes.pop() if len(sizes) == 1 else None
+    meta["unrecognized_keys"] = unrecognized
+    return meta, modules
+
+
+def _expected_shapes(adapter: EPTAdapter) -> dict[str, Any]:
+    return {
+        "A": adapter.A.shape,
+        "B": adapter.B.shape,
+        "kernels": [k.shape for k in adapter.kernels],
+        "gate_w": adapter.gate_w.shape,
+        "gate_b": adapter.gate_b.shape,
+        "task_embedding": adapter.task_embedding.shape,
+    }
+
+
+def _key_of(path: str, entry: str, e: int | None = None) -> str:
+    return {
+        "A": f"{PREFIX}{path}.lora_A.weight",
+        "B": f"{PREFIX}{path}.lora_B.weight",
+        "kernels": f"{PREFIX}{path}.lora_expert_kernels.{e}",
+        "gate_w": f"{PREFIX}{path}.lora_gate.0.weight",
+        "gate_b": f"{PREFIX}{path}.lora_gate.0.bias",
+        "task_embedding": f"{PREFIX}{path}.lora_task_embedding.weight",
+    }[entry]
+
+
+def load_reference_adapter(model: nnx.Module, directory: str, strict: bool = True) -> list[str]:
+    """Assigns a release adapter's tensors to every :class:`~ept_jax.nn.AdaptedLinear` of ``model``, in place.
+
+    Each adapted Linear is matched by its ``name`` (the Hugging Face module path) and must hold an
+    :class:`EPTAdapter` of the reference variant with ALP on (the release's layout). Nothing is assigned unless
+    every check passes. The model may be abstract (built under ``nnx.eval_shape``): the loaded adapter
+    parameters become concrete, so no random initialisation is spent on them.
+
+    Args:
+      model: an NNX module tree containing AdaptedLinears.
+      directory: see :func:`read_reference_adapter`.
+      strict: when True, a module of the model that the file lacks (or lacks a tensor of), a module or tensor
+        of the file that the model lacks, or a rank / ``lora_alpha`` that differs from the adapter config is an
+        error. A wrongly shaped tensor is always an error.
+    Returns:
+      the module paths that were loaded.
+    Raises:
+      ValueError: naming the offending module path or tensor key and the expected shape.
+    """
+    meta, modules = read_reference_adapter(directory)
+    targets = [lin for _, lin in adapted_linears(model)]
+    problems: list[str] = []
+    if strict and meta["unrecognized_keys"]:
+        problems.append(f"unexpected tensors in the file: {meta['unrecognized_keys']}")
+    assignments: list[tuple[nnx.Variable, np.ndarray]] = []
+    loaded: list[str] = []
+    for lin in targets:
+        adapter, path = lin.adapter, lin.name
+        if not (isinstance(adapter, EPTAdapter) and adapter.routed and adapter.pyramid.expansion == "reference"
+                and adapter.cfg.alp):
+            raise ValueError(
+                f"{path}: holds {type(adapter).__name__} (variant={getattr(adapter.cfg, 'variant', None)!r}); "
+                "release checkpoints load only into EPT adapters with variant='reference' and alp=True"
+            )
+        if strict:
+            if "r" in meta and int(meta["r"]) != adapter.cfg.r:
+                problems.append(f"{path}: the file has r={meta['r']}, the adapter config r={adapter.cfg.r}")
+            if "lora_alpha" in meta and float(meta["lora_alpha"]) != float(adapter.cfg.alpha):
+                problems.append(
+                    f"{path}: the file has lora_alpha={meta['lora_alpha']}, the adapter config alpha={adapter.cfg.alpha}"
+                )
+        tensors = modules.pop(path, None)
+        if tensors is None:
+            if strict:
+                problems.append(f"{path}: no tensors for this module in {directory!r} (missing {_key_of(path, 'A')})")
+            continue
+        shapes = _expected_shapes(adapter)
+        for entry in MODULE_ENTRIES:
+            if entry not in tensors:
+                if strict:
+                    problems.append(f"missing tensor {_key_of(path, entry, 0)}")
+                continue
+            if entry == "kernels":
+                got, want = tensors["kernels"], shapes["kernels"]
+                if len(got) != len(want):
+                    problems.append(
+                        f"{_key_of(path, 'kernels', len(got) - 1)}: the file has {len(got)} experts, the adapter "
+                        f"{len(want)}"
+                    )
+                    continue
+                for e, (g, w) in enumerate(zip(got, want, strict=True)):
+                    if tuple(g.shape) != tuple(w):
+                        problems.append(
+                            f"{_key_of(path, 'kernels', e)}: shape (1, {g.shape[0]}, {g.shape[1]}, 1) does not match "
+                            f"the adapter's (1, {w[0]}, {w[1]}, 1)"
+                        )
+                    else:
+                        assignments.append((adapter.kernels[e], g))
+                continue
+            got = tensors[entry]
+            if tuple(got.shape) != tuple(shapes[entry]):
+                problems.append(
+                    f"{_key_of(path, entry)}: shape {tuple(got.shape)} does not match the adapter's "
+                    f"{tuple(shapes[entry])}"
+                )
+                continue
+            assignments.append((getattr(adapter, entry), got))
+        loaded.append(path)
+    if strict and modules:
+        problems.append(f"unexpected modules in the file (no AdaptedLinear named so): {sorted(modules)}")
+    if problems:
+        raise ValueError(f"cannot load the reference adapter from {directory!r}:\n  " + "\n  ".join(problems))
+    for var, value in assignments:
+        # set_value also fills abstract variables (a model built with nnx.eval_shape)
+        var.set_value(jnp.asarray(value, dtype=var.dtype))
+    return loaded

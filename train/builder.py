@@ -1,0 +1,79 @@
+"""Config -> adapter injection -> model (real weights, random init, or abstract shapes)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from flax import nnx
+
+from ept_jax.adapters import AdapterConfig
+from ept_jax.models import build
+from ept_jax.nn import Injection
+
+# ConfigDict keys under `adapter` that are not AdapterConfig fields.
+INJECTION_KEYS = ("targets", "contrastive_lambda", "contrastive_stacks")
+
+
+def adapter_config(config) -> AdapterConfig:
+    """The :class:`AdapterConfig` of ``config.adapter`` (``n_tasks`` from ``config.data.tasks``).
+
+    Raises:
+      ValueError: a key under ``adapter`` that is neither an AdapterConfig field nor an injection key.
+    """
+    fields = {f.name for f in dataclasses.fields(AdapterConfig)}
+    raw = dict(config.adapter)
+    unknown = sorted(k for k in raw if k not in fields and k not in INJECTION_KEYS)
+    if unknown:
+        accepted = sorted(fields - {"n_tasks"}) + list(INJECTION_KEYS)
+        raise ValueError(f"unknown adapter option(s) {unknown}; accepted: {accepted}")
+    kwargs = {k: v for k, v in raw.items() if k in fields and k != "n_tasks"}
+    for k in ("expert_kernel_sizes",):
+        if k in kwargs and kwargs[k] is not None:
+            kwargs[k] = tuple(kwargs[k])
+    return AdapterConfig(**kwargs, n_tasks=len(config.data.tasks))
+
+
+def injection(config) -> Injection | None:
+    """Where adapters go, from ``config.adapter`` (None when ``adapter.kind`` is ``"none"``)."""
+    if str(config.adapter.kind) == "none":
+        return None
+    return Injection(
+        adapter=adapter_config(config),
+        targets=tuple(config.adapter.targets),
+        contrastive_stacks=tuple(config.adapter.get("contrastive_stacks", ("encoder",))),
+    )
+
+
+def _arch(config) -> dict:
+    """The architecture dict: the local checkpoint's config.json when at hand, else ``config.model.arch``."""
+    from ept_jax.checkpoints.hf import read_config
+
+    p = Path(str(config.model.name_or_path)).expanduser()
+    if (p / "config.json").is_file():
+        return read_config(p)
+    arch = config.model.get("arch")
+    if not arch:
+        raise ValueError(
+            f"model.name_or_path={str(config.model.name_or_path)!r} has no local config.json and the config records "
+            "no model.arch to build the model from"
+        )
+    return dict(arch)
+
+
+def random_model(config, *, rngs: nnx.Rngs | None = None):
+    """A randomly initialised model of ``config``'s architecture, adapters injected."""
+    return build(
+        str(config.model.family),
+        _arch(config),
+        injection=injection(config),
+        dtype=str(config.model.dtype),
+        param_dtype=str(config.model.param_dtype),
+        rngs=rngs or nnx.Rngs(int(config.train.seed)),
+    )
+
+
+def build_abstract_model(config):
+    """``(abstract model, n_tasks)``: the model with ``jax.ShapeDtypeStruct`` leaves; nothing allocated or read."""
+    model = nnx.eval_shape(lambda: random_model(config, rngs=nnx.Rngs(0)))
+    return model, len(config.data.tasks)
