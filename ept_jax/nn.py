@@ -83,6 +83,28 @@ def default_kernel_init(key: Array, d_in: int, d_out: int, dtype) -> Array:
     return jax.random.uniform(key, (d_in, d_out), dtype, -bound, bound)
 
 
+class KeyStream:
+    """A stand-in for ``nnx.Rngs`` when building models: ``params()`` returns ``fold_in(key, n)`` for n = 0, 1, ...
+
+    ``nnx.Rngs`` counts its draws in a Variable; under a trace (``nnx.eval_shape``, jit) every draw writes that
+    Variable, and flax 0.12 then asks the traced count for its ``sharding``, which formats an error message by
+    scanning the whole trace: building a model of a few hundred adapted Linears becomes quadratic (minutes for
+    T5-base). Counting in Python avoids it; the keys are a deterministic function of the seed and draw order.
+    """
+
+    def __init__(self, seed: int | Array = 0):
+        self.key = jax.random.key(seed) if isinstance(seed, int) else seed
+        self.count = 0
+
+    def params(self) -> Array:
+        k = jax.random.fold_in(self.key, self.count)
+        self.count += 1
+        return k
+
+    __call__ = params
+    default = params
+
+
 class Linear(nnx.Module):
     """A frozen base Linear ``y = x @ kernel (+ bias)``; ``kernel`` is ``(d_in, d_out)`` (JAX layout).
 

@@ -9,7 +9,7 @@ from flax import nnx
 
 from ept_jax.adapters import AdapterConfig
 from ept_jax.models import build
-from ept_jax.nn import Injection
+from ept_jax.nn import Injection, KeyStream
 
 # ConfigDict keys under `adapter` that are not AdapterConfig fields.
 INJECTION_KEYS = ("targets", "contrastive_lambda", "contrastive_stacks")
@@ -61,19 +61,19 @@ def _arch(config) -> dict:
     return dict(arch)
 
 
-def random_model(config, *, rngs: nnx.Rngs | None = None):
-    """A randomly initialised model of ``config``'s architecture, adapters injected."""
+def random_model(config, *, rngs: nnx.Rngs | KeyStream | None = None):
+    """A randomly initialised model of ``config``'s architecture, adapters injected (keys from ``train.seed``)."""
     return build(
         str(config.model.family),
         _arch(config),
         injection=injection(config),
         dtype=str(config.model.dtype),
         param_dtype=str(config.model.param_dtype),
-        rngs=rngs or nnx.Rngs(int(config.train.seed)),
+        rngs=rngs or KeyStream(int(config.train.seed)),
     )
 
 
 def build_abstract_model(config):
     """``(abstract model, n_tasks)``: the model with ``jax.ShapeDtypeStruct`` leaves; nothing allocated or read."""
-    model = nnx.eval_shape(lambda: random_model(config, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: random_model(config, rngs=KeyStream(0)))
     return model, len(config.data.tasks)
