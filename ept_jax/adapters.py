@@ -148,7 +148,9 @@ def validate(cfg: AdapterConfig, d_in: int, d_out: int) -> None:
         raise ValueError(f"init={cfg.init!r}: accepted values are {INITS}")
     if not isinstance(cfg.n_tasks, int) or cfg.n_tasks < 1:
         raise ValueError(f"n_tasks={cfg.n_tasks!r}: must be an integer >= 1")
-    if not isinstance(cfg.n_task_rows, int) or cfg.n_tasks > cfg.n_task_rows:
+    if not isinstance(cfg.n_task_rows, int) or cfg.n_task_rows < 1:
+        raise ValueError(f"n_task_rows={cfg.n_task_rows!r}: must be an integer >= 1")
+    if cfg.n_tasks > cfg.n_task_rows:
         raise ValueError(
             f"n_tasks={cfg.n_tasks} > n_task_rows={cfg.n_task_rows!r}: each task needs its own task-embedding row "
             "(the release has 8 rows; raise n_task_rows for more tasks)"
@@ -201,27 +203,52 @@ def _validate_ept(cfg: AdapterConfig, d_in: int, d_out: int) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def torch_default_init(key: Array, shape: tuple[int, ...], dtype, fan_in: int | None = None) -> Array:
-    """PyTorch's default Linear init ``kaiming_uniform_(a=sqrt(5))``: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
+def shape_bound(shape: tuple[int, ...]) -> float:
+    """PyTorch's default bound ``1 / sqrt(fan_in)`` for a tensor whose fan_in is its whole size."""
+    return 1.0 / math.sqrt(int(np.prod(shape)))
 
-    ``fan_in`` defaults to PyTorch's: ``shape[1] * prod(shape[2:])``.
+
+def draw_params(
+    rngs: nnx.Rngs, specs: dict[str, tuple[tuple[int, ...], str, float]], dtype
+) -> dict[str, Array]:
+    """Draws every parameter of a module: ``{name: (shape, dist, scale)}`` -> ``{name: array}``.
+
+    ``dist`` is ``"uniform"`` (``U(-scale, scale)``), ``"normal"`` (``N(0, scale^2)``) or ``"zeros"``. All
+    uniforms come from one ``jax.random`` call and all normals from another, sliced and scaled: each random
+    call compiles per shape, and one call per module instead of one per tensor makes building models of
+    many adapted Linears (eagerly or under jit) several times faster.
     """
-    fan_in = fan_in if fan_in is not None else int(np.prod(shape[1:]))
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
+    out: dict[str, Array] = {}
+    for dist, sampler in (("uniform", lambda k, n: jax.random.uniform(k, (n,), dtype, -1.0, 1.0)),
+                          ("normal", lambda k, n: jax.random.normal(k, (n,), dtype))):
+        names = [name for name, (_, d, _) in specs.items() if d == dist]
+        if not names:
+            continue
+        sizes = [int(np.prod(specs[name][0])) for name in names]
+        flat = sampler(rngs.params(), sum(sizes))
+        offsets = np.cumsum([0, *sizes])
+        for name, lo, hi in zip(names, offsets[:-1], offsets[1:], strict=True):
+            shape, _, scale = specs[name]
+            out[name] = (flat[lo:hi] * jnp.asarray(scale, dtype)).reshape(shape)
+    for name, (shape, dist, _) in specs.items():
+        if dist == "zeros":
+            out[name] = jnp.zeros(shape, dtype)
+        elif dist not in ("uniform", "normal"):
+            raise ValueError(f"{name}: unknown init distribution {dist!r}; accepted 'uniform', 'normal', 'zeros'")
+    return out
 
 
-def kaiming_uniform_relu(key: Array, shape: tuple[int, ...], dtype) -> Array:
-    """``kaiming_uniform_(mode='fan_in', nonlinearity='relu')``: ``U(+-sqrt(6 / fan_in))``, fan_in ``shape[1]``."""
-    bound = math.sqrt(6.0 / shape[1])
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
+def ab_init_spec(kind: str, shape: tuple[int, ...], r: int) -> tuple[str, float]:
+    """``(dist, scale)`` of an ``A``/``B`` init for :func:`draw_params`.
 
-
-def init_ab(kind: str, key: Array, shape: tuple[int, ...], r: int, dtype) -> Array:
-    """``A``/``B`` init: ``"default"`` (:func:`torch_default_init`) or ``"gaussian"`` (``N(0, (1/r)^2)``)."""
+    ``"default"``: PyTorch's Linear init ``kaiming_uniform_(a=sqrt(5))`` = ``U(+-1/sqrt(fan_in))`` with
+    ``fan_in = shape[-1]`` (PyTorch layout); ``"gaussian"``: ``N(0, (1/r)^2)`` (PEFT's "gaussian").
+    """
     if kind == "gaussian":
-        return jax.random.normal(key, shape, dtype) / r
-    return torch_default_init(key, shape, dtype)
+        return "normal", 1.0 / r
+    if kind != "default":
+        raise ValueError(f"init={kind!r}: accepted values are {INITS}")
+    return "uniform", 1.0 / math.sqrt(shape[-1])
 
 
 def _axes(axes: tuple[str | None, str | None] | None) -> tuple[str | None, str | None]:
@@ -281,9 +308,10 @@ class EPTAdapter(Adapter):
     step 0; gate weight kaiming-uniform (fan_in, relu), gate bias PyTorch's Linear bias init, task embedding
     ``N(0, 0.01^2)``. ``variant="paper"``: ``A``, ``B`` Gaussian, kernels zero (no change at step 0).
 
-    The contrastive loss uses the Linear's input *before* dropout: in the released layer (a fork of MoRE's
-    PEFT LoRA layer) dropout is applied inline inside the adapter branch, and the similarity is computed from
-    the untouched ``x[:, 0, :]``.
+    The contrastive loss uses the Linear's input *before* dropout. The EPT release is a fork of MoRE's PEFT LoRA
+    layer (``NLPfreshman0/MoRE``, ``peft/tuners/lora/layer.py``), whose forward applies dropout inline in the
+    adapter branch (``dropout(x) @ lora_A.t()``) and computes the similarity from the untouched
+    ``F.normalize(x[:, 0, :])`` against ``F.normalize(lora_task_embedding.weight)`` with temperature 0.05.
     """
 
     def __init__(
@@ -308,37 +336,40 @@ class EPTAdapter(Adapter):
         dtype = _dtype(cfg.param_dtype)
         in_ax, out_ax = _axes(axes)
         ab_init = cfg.init or ("default" if cfg.variant == "reference" else "gaussian")
-        r = cfg.r
+        r, n = cfg.r, len(ks)
 
-        def ab(shape_a, shape_b):
-            a = param(init_ab(ab_init, rngs.params(), shape_a, r, dtype), ("lora_rank", in_ax), AdapterParam)
-            b = param(init_ab(ab_init, rngs.params(), shape_b, r, dtype), (out_ax, "lora_rank"), AdapterParam)
-            return a, b
+        def ab_spec(shape):
+            return ab_init_spec(ab_init, shape, r)
+
+        seeds = [self.pyramid.seed_shape] if cfg.alp else [(d_in // k, d_out // k) for k in ks]
+        specs: dict[str, tuple[tuple[int, ...], str, float]] = {}
+        for i, (seed_in, seed_out) in enumerate(seeds):
+            specs[f"A{i}"] = ((r, seed_in), *ab_spec((r, seed_in)))
+            specs[f"B{i}"] = ((seed_out, r), *ab_spec((seed_out, r)))
+        for e in range(n):
+            shape = self.pyramid.kernel_shape(e)
+            # reference: the release's tensor is (1, h, k, 1) (a DCFT kernel: (1, 1, k, k)), so PyTorch's
+            # fan_in is prod(shape); paper: zero, so the adapter adds nothing at step 0.
+            specs[f"K{e}"] = (shape, "zeros", 0.0) if cfg.variant == "paper" else (shape, "uniform", shape_bound(shape))
+        if routed:
+            specs["gate_w"] = ((n, d_in), "uniform", math.sqrt(6.0 / d_in))  # kaiming-uniform, fan_in, relu
+            specs["gate_b"] = ((n,), "uniform", 1.0 / math.sqrt(d_in))  # PyTorch's Linear bias init
+            specs["task_embedding"] = ((cfg.n_task_rows, d_in), "normal", 0.01)
+        v = draw_params(rngs, specs, dtype)
+
+        def ap(name, axes_):
+            return param(v[name], axes_, AdapterParam)
 
         if cfg.alp:
-            seed_in, seed_out = self.pyramid.seed_shape
-            self.A, self.B = ab((r, seed_in), (seed_out, r))
+            self.A, self.B = ap("A0", ("lora_rank", in_ax)), ap("B0", (out_ax, "lora_rank"))
         else:
-            pairs = [ab((r, d_in // k), (d_out // k, r)) for k in ks]
-            self.A = nnx.List([a for a, _ in pairs])
-            self.B = nnx.List([b for _, b in pairs])
-
-        def kernel(e):
-            shape = self.pyramid.kernel_shape(e)
-            if cfg.variant == "paper":
-                value = jnp.zeros(shape, dtype)
-            else:
-                # the release's tensor is (1, h, k, 1), a conv kernel (1, 1, k, k): fan_in = prod(shape).
-                value = torch_default_init(rngs.params(), shape, dtype, fan_in=int(np.prod(shape)))
-            return param(value, (None, "kernel"), AdapterParam)
-
-        self.kernels = nnx.List([kernel(e) for e in range(len(ks))])
+            self.A = nnx.List([ap(f"A{i}", ("lora_rank", in_ax)) for i in range(n)])
+            self.B = nnx.List([ap(f"B{i}", (out_ax, "lora_rank")) for i in range(n)])
+        self.kernels = nnx.List([ap(f"K{e}", (None, "kernel")) for e in range(n)])
         if routed:
-            n = len(ks)
-            self.gate_w = param(kaiming_uniform_relu(rngs.params(), (n, d_in), dtype), ("experts", in_ax), AdapterParam)
-            self.gate_b = param(torch_default_init(rngs.params(), (n,), dtype, fan_in=d_in), ("experts",), AdapterParam)
-            emb = 0.01 * jax.random.normal(rngs.params(), (cfg.n_task_rows, d_in), dtype)
-            self.task_embedding = param(emb, ("tasks", in_ax), AdapterParam)
+            self.gate_w = ap("gate_w", ("experts", in_ax))
+            self.gate_b = ap("gate_b", ("experts",))
+            self.task_embedding = ap("task_embedding", ("tasks", in_ax))
         else:
             self.gate_w = self.gate_b = self.task_embedding = None
 
@@ -403,7 +434,7 @@ class EPTAdapter(Adapter):
         _check_task(task, self.cfg.n_tasks)
         A, B, kernels = self._factors()
         row = 0 if not self.routed else task
-        return pyramid.mixture_delta(self.pyramid, A, B, kernels, self.row_weights()[row])
+        return _mixture_delta(self.pyramid, A, B, kernels, self.row_weights()[row])
 
     def to_lora(self, task: int | Array) -> tuple[Array, Array]:
         """Exact factors ``(B' (d_out, R), A' (R, d_in))`` of ``merge(task)``.
@@ -415,15 +446,17 @@ class EPTAdapter(Adapter):
         A, B, kernels = self._factors()
         _, idx = self.routing()
         row = 0 if not self.routed else task
-        if self.pyramid.expansion == "paper":
-            try:
-                row = int(row)
-            except (jax.errors.ConcretizationTypeError, TypeError) as err:
-                raise ValueError(
-                    "to_lora of the paper variant needs a concrete task id (its rank depends on the routed "
-                    "experts); call it outside jit"
-                ) from err
-        return pyramid.lora_factors(self.pyramid, A, B, kernels, self.row_weights()[row], idx[row])
+        w = self.row_weights()[row]
+        if self.pyramid.expansion == "reference":
+            return _lora_factors(self.pyramid, A, B, kernels, w, idx[row])
+        try:
+            experts = tuple(int(e) for e in np.asarray(idx[row]))
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError) as err:
+            raise ValueError(
+                "to_lora of the paper variant needs a concrete task id and parameters (its rank depends on the "
+                "routed experts); call it outside jit"
+            ) from err
+        return _lora_factors_static_experts(self.pyramid, A, B, kernels, w, experts)
 
     def contrastive_loss(self, x: Array, task_ids: Array) -> Array | None:
         """Contrastive task-embedding loss on ``x[:, 0, :]`` (``x (B, S, d_in)``); None when not routed."""
@@ -435,6 +468,13 @@ class EPTAdapter(Adapter):
         return pyramid.contrastive_loss(
             x[:, 0, :].astype(dt), self.task_embedding[...].astype(dt), task_ids, self.cfg.contrastive_tau
         )
+
+
+# merge / to_lora are called eagerly (export, inspection): one compiled function per pyramid, not one
+# compilation per small op.
+_mixture_delta = jax.jit(pyramid.mixture_delta, static_argnums=0)
+_lora_factors = jax.jit(pyramid.lora_factors, static_argnums=0)
+_lora_factors_static_experts = jax.jit(pyramid.lora_factors, static_argnums=(0, 5))
 
 
 def make_adapter(

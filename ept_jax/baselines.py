@@ -12,6 +12,7 @@ They register themselves in :mod:`ept_jax.adapters`' registry on import (which :
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +27,10 @@ from ept_jax.adapters import (
     _check_task,
     _dtype,
     _validate_ept,
+    ab_init_spec,
+    draw_params,
     dropout,
-    init_ab,
     register_adapter,
-    torch_default_init,
     validate,
 )
 from ept_jax.nn import Adapter, AdapterContext, AdapterParam, param
@@ -53,8 +54,8 @@ class LoRAAdapter(Adapter):
         self.cfg, self.d_in, self.d_out = cfg, d_in, d_out
         dtype = _dtype(cfg.param_dtype)
         in_ax, out_ax = _axes(axes)
-        a = init_ab(cfg.init or "default", rngs.params(), (cfg.r, d_in), cfg.r, dtype)
-        self.A = param(a, ("lora_rank", in_ax), AdapterParam)
+        v = draw_params(rngs, {"A": ((cfg.r, d_in), *ab_init_spec(cfg.init or "default", (cfg.r, d_in), cfg.r))}, dtype)
+        self.A = param(v["A"], ("lora_rank", in_ax), AdapterParam)
         self.B = param(jnp.zeros((d_out, cfg.r), dtype), (out_ax, "lora_rank"), AdapterParam)
 
     def __call__(self, x: Array, ctx: AdapterContext) -> Array:
@@ -105,15 +106,19 @@ class MoELoRAAdapter(Adapter):
         in_ax, out_ax = _axes(axes)
         te = MOELORA_TASK_EMBEDDING_DIM
         # fan_in of each expert's A is d_in (as n separate nn.Linear(d_in, r // n) would have).
-        if cfg.init == "gaussian":
-            a = init_ab("gaussian", rngs.params(), (n, re, d_in), cfg.r, dtype)
-        else:
-            a = torch_default_init(rngs.params(), (n, re, d_in), dtype, fan_in=d_in)
-        self.A = param(a, ("experts", "lora_rank", in_ax), AdapterParam)
+        v = draw_params(
+            rngs,
+            {
+                "A": ((n, re, d_in), *ab_init_spec(cfg.init or "default", (n, re, d_in), cfg.r)),
+                "gate_w": ((n, te), "uniform", 1.0 / math.sqrt(te)),  # nn.Linear(te, n, bias=False)
+                "task_embedding": ((cfg.n_task_rows, te), "normal", 1.0),  # nn.Embedding's N(0, 1)
+            },
+            dtype,
+        )
+        self.A = param(v["A"], ("experts", "lora_rank", in_ax), AdapterParam)
         self.B = param(jnp.zeros((n, d_out, re), dtype), ("experts", out_ax, "lora_rank"), AdapterParam)
-        self.gate_w = param(torch_default_init(rngs.params(), (n, te), dtype), ("experts", None), AdapterParam)
-        emb = jax.random.normal(rngs.params(), (cfg.n_task_rows, te), dtype)
-        self.task_embedding = param(emb, ("tasks", None), AdapterParam)
+        self.gate_w = param(v["gate_w"], ("experts", None), AdapterParam)
+        self.task_embedding = param(v["task_embedding"], ("tasks", None), AdapterParam)
 
     def routing(self) -> tuple[Array, Array]:
         """``(weights (n_task_rows, n), idx)``: dense softmax gate weights for every task row."""

@@ -2,26 +2,30 @@
 
 Two formats, one task at a time (EPT's delta depends on the task, so each task is its own deployable model):
 
-* ``"merged"`` (:func:`write_merged`): a Hugging Face model directory (``config.json``, ``model.safetensors``, the
-  base's tokenizer and generation files) whose Linear weights carry that task's delta, ``W + merge(task)``.
-  The weights go through the architecture's mapping table (``hf.export_from`` and the same :class:`~ept_jax.
-  checkpoints.hf.Rule` s ``from_pretrained`` reads with), so import and export cannot drift apart. Adapters never
-  touch the embeddings or ``lm_head``, so T5 v1.0's tied embeddings stay tied (one ``shared.weight``).
+* ``"merged"`` (:func:`write_merged`): a Hugging Face model directory (``config.json``,
+  ``model.safetensors``, the base's tokenizer and generation files) whose Linear weights carry that task's
+  delta, ``W + merge(task)``. The weights go through the architecture's mapping table (``hf.export_from``
+  and the same :class:`~ept_jax.checkpoints.hf.Rule` s ``from_pretrained`` reads with), so import and export
+  cannot drift apart. Adapters never touch the embeddings or ``lm_head``, so T5 v1.0's tied embeddings stay
+  tied (one ``shared.weight``).
 * ``"peft"`` (:func:`write_peft`): a standard PEFT LoRA adapter (``adapter_config.json``,
   ``adapter_model.safetensors``) for the unmodified base, built from each adapter's exact factors
   ``to_lora(task) -> (B (d_out, R), A (R, d_in))`` with ``B @ A == merge(task)``. PEFT scales by
-  ``lora_alpha / r``; every module gets ``lora_alpha = r = R`` (``rank_pattern`` / ``alpha_pattern`` list the
-  modules whose ``R`` differs from the most common one), so the scale is 1 and the adapter's own scale lives in
-  ``B``. Keys carry the ``base_model.model.`` prefix: PEFT loads a wrongly prefixed adapter with only a warning.
+  ``lora_alpha / r``; every module gets ``lora_alpha = r = R`` (``rank_pattern`` / ``alpha_pattern`` list
+  the modules whose ``R`` differs from the most common one), so the scale is 1 and the adapter's own scale
+  lives in ``B``. Keys carry the ``base_model.model.`` prefix: PEFT loads a wrongly prefixed adapter with
+  only a warning.
 
-:func:`export_adapter` writes either format for one task or for several (one subdirectory each) into a directory
-that appears atomically (:func:`atomic_directory`): a failed export leaves nothing behind, and an existing
-non-empty directory is only replaced when asked to.
+:func:`export_adapter` writes either format for one task or for several (one subdirectory each) into a
+directory that appears atomically (:func:`atomic_directory`): a failed export leaves nothing behind, and an
+existing non-empty directory is only replaced when asked to. :func:`model_from_reference` loads an adapter
+saved by the released PyTorch EPT, which cannot merge its own adapters, so that it can be exported too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -31,25 +35,27 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from ept_jax.checkpoints import hf
-from ept_jax.nn import AdaptedLinear, adapted_linears
+from ept_jax.nn import AdaptedLinear, AdapterParam, adapted_linears
 
 FORMATS = ("merged", "peft")
-# Output dtypes by name; "base" (the dtype the base checkpoint's config.json declares) resolves to one of these.
+# Output dtypes by name; "base" (the dtype the base's config.json declares) resolves to one of these.
 DTYPES: dict[str, Any] = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 DTYPE_CHOICES = (*DTYPES, "base")
 PEFT_PREFIX = "base_model.model."
 # What a Hugging Face model directory holds besides weights and config that a served model needs: tokenizers
-# (sentencepiece, BPE, WordPiece, fast), their configs and chat templates, and the generation defaults.
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "spiece.model",
-    "tokenizer.model", "sentencepiece.bpe.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
-    "chat_template.json", "generation_config.json",
+# (sentencepiece, BPE, WordPiece, fast), their configs and chat templates; and the generation defaults.
+TOKENIZER_FILES = tuple(
+    "tokenizer.json tokenizer_config.json special_tokens_map.json added_tokens.json spiece.model "
+    "tokenizer.model sentencepiece.bpe.model vocab.json merges.txt vocab.txt chat_template.jinja "
+    "chat_template.json".split()
 )
+GENERATION_FILES = ("generation_config.json",)
 
 
 class ExportError(ValueError):
@@ -98,12 +104,14 @@ def _adapted(model: nnx.Module, task: int) -> list[tuple[tuple, AdaptedLinear]]:
         adapter = lin.adapter
         if not getattr(adapter, "mergeable", True):
             raise ExportError(
-                f"{lin.name}: {type(adapter).__name__} is not mergeable (its delta depends on each token, so no "
-                "per-task weight delta exists); it cannot be exported as a merged model or a LoRA adapter"
+                f"{lin.name}: {type(adapter).__name__} is not mergeable (its delta depends on each token, so "
+                "no per-task weight delta exists); it cannot be exported as a merged model or a LoRA adapter"
             )
         n_tasks = getattr(getattr(adapter, "cfg", None), "n_tasks", None)
         if n_tasks is not None and not 0 <= int(task) < n_tasks:
-            raise ExportError(f"task id {int(task)} is out of range: the adapters know tasks 0..{n_tasks - 1}")
+            raise ExportError(
+                f"task id {int(task)} is out of range: the adapters know tasks 0..{n_tasks - 1}"
+            )
     return lins
 
 
@@ -112,11 +120,44 @@ def _numpy(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x), dtype=np.float64)
 
 
+# One compiled program per adapter structure (equally shaped adapters have equal graphdefs), the task traced:
+# op-by-op execution would compile every primitive of the EPT formulas for every new shape instead.
+@functools.partial(jax.jit, static_argnums=0)
+def _merge_jit(graphdef, state, task):
+    return nnx.merge(graphdef, state).merge(task)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _lora_jit(graphdef, state, task):
+    return nnx.merge(graphdef, state).to_lora(task)
+
+
+def adapter_delta(adapter: nnx.Module, task: int) -> np.ndarray:
+    """``adapter.merge(task)`` ``(d_out, d_in)`` as float64 numpy, computed under ``jit``."""
+    graphdef, state = nnx.split(adapter)
+    return _numpy(_merge_jit(graphdef, state, np.int32(task)))
+
+
+def adapter_factors(adapter: nnx.Module, task: int) -> tuple[np.ndarray, np.ndarray]:
+    """``adapter.to_lora(task)`` = ``(B (d_out, R), A (R, d_in))`` as float64 numpy.
+
+    Under ``jit`` where the rank is static; EPT's paper variant has a rank that depends on the routing
+    (computed from the parameters), which it reports with a ValueError under tracing: then eagerly.
+    """
+    graphdef, state = nnx.split(adapter)
+    try:
+        b, a = _lora_jit(graphdef, state, np.int32(task))
+    except ValueError:
+        b, a = adapter.to_lora(int(task))
+    return _numpy(b), _numpy(a)
+
+
 def resolve_dtype(dtype: str, base_config: Mapping[str, Any] | None = None) -> str:
     """The output dtype name for ``dtype`` (one of :data:`DTYPE_CHOICES`); ``"base"`` reads the base's config.
 
     Raises:
-      ExportError: an unknown name, or ``"base"`` with a base config whose dtype is not float32/bfloat16/float16.
+      ExportError: an unknown name, or ``"base"`` with a base config declaring another dtype than
+        float32 / bfloat16 / float16.
     """
     if dtype not in DTYPE_CHOICES:
         raise ExportError(f"dtype={dtype!r}: accepted {list(DTYPE_CHOICES)}")
@@ -124,7 +165,9 @@ def resolve_dtype(dtype: str, base_config: Mapping[str, Any] | None = None) -> s
         return dtype
     declared = (base_config or {}).get("dtype") or (base_config or {}).get("torch_dtype") or "float32"
     if declared not in DTYPES:
-        raise ExportError(f"the base config declares dtype {declared!r}; accepted {list(DTYPES)} (or pass float32)")
+        raise ExportError(
+            f"the base config declares dtype {declared!r}; accepted {list(DTYPES)} (or pass float32)"
+        )
     return str(declared)
 
 
@@ -134,8 +177,8 @@ def resolve_dtype(dtype: str, base_config: Mapping[str, Any] | None = None) -> s
 def merged_state_dict(model: nnx.Module, task: int, *, dtype: str = "float32") -> dict[str, np.ndarray]:
     """Every base weight with task ``task``'s delta added, Hugging Face names and PyTorch layout.
 
-    Each adapted Linear's kernel ``(d_in, d_out)`` becomes ``kernel + merge(task).T`` and then goes through its
-    mapping rule like any other weight (so the file holds ``weight + merge(task)``, ``(d_out, d_in)``).
+    Each adapted Linear's kernel ``(d_in, d_out)`` becomes ``kernel + merge(task).T`` and then goes through
+    its mapping rule like any other weight (so the file holds ``weight + merge(task)``, ``(d_out, d_in)``).
 
     Args:
       model: an ept_jax ``T5Model`` or ``LlamaModel`` with mergeable adapters.
@@ -154,20 +197,24 @@ def merged_state_dict(model: nnx.Module, task: int, *, dtype: str = "float32") -
         ours = hf.path_str((*path, "base", "kernel"))
         rule, groups = hf._match(rules, ours)
         key = hf._fill(rule.hf_keys[0], groups)
-        delta = _numpy(lin.adapter.merge(int(task)))
+        delta = adapter_delta(lin.adapter, int(task))
         kernel = _numpy(lin.base.kernel[...])
         if delta.shape != kernel.T.shape:
-            raise ExportError(f"{lin.name}: merge() gave {delta.shape}, expected (d_out, d_in) = {kernel.T.shape}")
+            raise ExportError(
+                f"{lin.name}: merge() gave {delta.shape}, expected (d_out, d_in) = {kernel.T.shape}"
+            )
         tensors[key] = np.asarray(rule.to_hf(kernel + delta.T)).astype(out_dtype)
     return tensors
 
 
-def lora_state_dict(model: nnx.Module, task: int, *, dtype: str = "float32") -> tuple[dict[str, np.ndarray],
-                                                                                   dict[str, int]]:
+def lora_state_dict(
+    model: nnx.Module, task: int, *, dtype: str = "float32"
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Task ``task``'s exact LoRA factors in PEFT's naming.
 
     Returns:
-      ``tensors``: ``{"base_model.model.<module path>.lora_A.weight": (R, d_in), "...lora_B.weight": (d_out, R)}``
+      ``tensors``: ``{"base_model.model.<module path>.lora_A.weight": (R, d_in),
+      "base_model.model.<module path>.lora_B.weight": (d_out, R)}``
       with ``lora_B @ lora_A == merge(task)`` (the adapter's scale folded into ``lora_B``);
       ``ranks``: ``{module path: R}``.
     Raises:
@@ -177,11 +224,12 @@ def lora_state_dict(model: nnx.Module, task: int, *, dtype: str = "float32") -> 
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
     for _, lin in _adapted(model, task):
-        b, a = (_numpy(f) for f in lin.adapter.to_lora(int(task)))
+        b, a = adapter_factors(lin.adapter, int(task))
         d_in, d_out = lin.base.kernel.shape
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
+        if a.ndim != 2 or a.shape[1] != d_in or b.shape != (d_out, a.shape[0]):
             raise ExportError(
-                f"{lin.name}: to_lora() gave B {b.shape}, A {a.shape}; expected B (d_out={d_out}, R), A (R, d_in={d_in})"
+                f"{lin.name}: to_lora() gave B {b.shape}, A {a.shape}; expected B (d_out={d_out}, R), "
+                f"A (R, d_in={d_in})"
             )
         tensors[f"{PEFT_PREFIX}{lin.name}.lora_A.weight"] = np.ascontiguousarray(a.astype(out_dtype))
         tensors[f"{PEFT_PREFIX}{lin.name}.lora_B.weight"] = np.ascontiguousarray(b.astype(out_dtype))
@@ -190,11 +238,11 @@ def lora_state_dict(model: nnx.Module, task: int, *, dtype: str = "float32") -> 
 
 
 def peft_config(ranks: Mapping[str, int], *, task_type: str, base_model_name_or_path: str) -> dict[str, Any]:
-    """A PEFT ``LoraConfig`` dict (``adapter_config.json``) for modules of ranks ``ranks`` (``{module path: R}``).
+    """A PEFT ``LoraConfig`` dict (``adapter_config.json``) for modules of ranks ``{module path: R}``.
 
-    ``r`` is the most common rank; modules of another rank are listed in ``rank_pattern``. ``lora_alpha`` equals
-    each module's rank (``alpha_pattern`` mirrors ``rank_pattern``), so PEFT's scale ``lora_alpha / r`` is 1.
-    ``target_modules`` is the exact list of module paths, so nothing else of the base gets a LoRA layer.
+    ``r`` is the most common rank; modules of another rank are listed in ``rank_pattern``. ``lora_alpha``
+    equals each module's rank (``alpha_pattern`` mirrors ``rank_pattern``), so PEFT's scale ``lora_alpha / r``
+    is 1. ``target_modules`` is the exact list of module paths: nothing else of the base gets a LoRA layer.
     """
     counts: dict[int, int] = {}
     for r in ranks.values():
@@ -235,9 +283,11 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
-                      metadata: Mapping[str, str] | None = None) -> None:
-    """Writes ``tensors`` to a ``.safetensors`` file with ``{"format": "pt"}`` metadata (transformers needs it)."""
+def write_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Writes ``tensors`` to a ``.safetensors`` file with ``{"format": "pt"}`` metadata (transformers
+    requires it)."""
     from safetensors.numpy import save_file
 
     meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
@@ -272,7 +322,9 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iter
     if out.is_file() or out.is_symlink():
         raise ExportError(f"output {str(out)!r} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"output directory {str(out)!r} exists and is not empty; pass --overwrite to replace it")
+        raise ExportError(
+            f"output directory {str(out)!r} exists and is not empty; pass --overwrite to replace it"
+        )
     created: list[Path] = []
     for parent in reversed(out.parents):
         if not parent.exists():
@@ -316,18 +368,27 @@ def _base_config(model: nnx.Module, base_dir: str | os.PathLike | None) -> dict[
     return dict(model.cfg.to_hf())
 
 
-def write_merged(model: nnx.Module, task: int, directory: str | os.PathLike, *,
-                 base_dir: str | os.PathLike | None = None, dtype: str = "float32",
-                 metadata: Mapping[str, str] | None = None) -> None:
-    """Writes task ``task``'s merged model into the existing directory ``directory`` (see the module docstring).
+def write_merged(
+    model: nnx.Module,
+    task: int,
+    directory: str | os.PathLike,
+    *,
+    base_dir: str | os.PathLike | None = None,
+    dtype: str = "float32",
+    metadata: Mapping[str, str] | None = None,
+    tokenizer: Any = None,
+) -> None:
+    """Writes task ``task``'s merged model into the existing directory ``directory`` (module docstring).
 
     Args:
       model: an ept_jax model with mergeable adapters and its base weights loaded.
-      base_dir: the base model's local directory: its ``config.json`` is copied (with the dtype entry set to what
-        is written) and so are its tokenizer and generation files (:data:`TOKENIZER_FILES`). None writes the
-        model's own config (a randomly initialised base) and no tokenizer.
+      base_dir: the base model's local directory: its ``config.json`` is copied (with the dtype entry set to
+        what is written) and so are its tokenizer files (:data:`TOKENIZER_FILES`) and generation defaults
+        (:data:`GENERATION_FILES`). None writes the model's own config (a randomly initialised base).
       dtype: a name from :data:`DTYPE_CHOICES` (``"base"``: the base config's declared dtype).
       metadata: extra string entries for the safetensors header (provenance).
+      tokenizer: a tokenizer to save instead of the base's tokenizer files (one with ``save_pretrained``: the
+        tokenizer a run was trained with when it is not the base model's own).
     """
     directory = Path(directory)
     config = _base_config(model, base_dir)
@@ -337,15 +398,24 @@ def write_merged(model: nnx.Module, task: int, directory: str | os.PathLike, *,
     config["dtype"] = dtype
     config["torch_dtype"] = dtype
     write_json(directory / "config.json", config)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
     if base_dir is not None:
-        for name in TOKENIZER_FILES:
+        for name in GENERATION_FILES + (TOKENIZER_FILES if tokenizer is None else ()):
             if (Path(base_dir) / name).is_file():
                 shutil.copyfile(Path(base_dir) / name, directory / name)
     write_safetensors(directory / "model.safetensors", tensors, metadata)
 
 
-def write_peft(model: nnx.Module, task: int, directory: str | os.PathLike, *, base_model_name_or_path: str,
-               dtype: str = "float32", metadata: Mapping[str, str] | None = None) -> None:
+def write_peft(
+    model: nnx.Module,
+    task: int,
+    directory: str | os.PathLike,
+    *,
+    base_model_name_or_path: str,
+    dtype: str = "float32",
+    metadata: Mapping[str, str] | None = None,
+) -> None:
     """Writes task ``task``'s exact PEFT LoRA adapter into the existing directory ``directory``.
 
     Args:
@@ -354,7 +424,9 @@ def write_peft(model: nnx.Module, task: int, directory: str | os.PathLike, *, ba
     """
     directory = Path(directory)
     tensors, ranks = lora_state_dict(model, task, dtype=dtype)
-    cfg = peft_config(ranks, task_type=_task_type(model), base_model_name_or_path=str(base_model_name_or_path))
+    cfg = peft_config(
+        ranks, task_type=_task_type(model), base_model_name_or_path=str(base_model_name_or_path)
+    )
     write_json(directory / "adapter_config.json", cfg)
     write_safetensors(directory / "adapter_model.safetensors", tensors, metadata)
 
@@ -370,6 +442,7 @@ def export_adapter(
     dtype: str = "float32",
     overwrite: bool = False,
     metadata: Mapping[str, str] | None = None,
+    tokenizer: Any = None,
 ) -> list[Path]:
     """Exports one task into ``out``, or several tasks into ``out/<name>`` each, atomically.
 
@@ -383,6 +456,7 @@ def export_adapter(
       dtype: a name from :data:`DTYPE_CHOICES`.
       overwrite: replace an existing non-empty ``out``.
       metadata: extra safetensors header entries; ``ept_jax.task`` is added per task.
+      tokenizer: merged format: a tokenizer to save instead of copying the base's (see :func:`write_merged`).
     Returns:
       the directories written (final paths).
     Raises:
@@ -397,7 +471,9 @@ def export_adapter(
         raise ExportError(f"base model directory {str(base_dir)!r} has no config.json")
     name = base_model_name_or_path if base_model_name_or_path is not None else base_dir
     if format == "peft" and not name:
-        raise ExportError("a PEFT adapter needs the base model's name or path (base_model_name_or_path or base_dir)")
+        raise ExportError(
+            "a PEFT adapter needs the base model's name or path (base_model_name_or_path or base_dir)"
+        )
     jobs = {"": task} if not isinstance(task, Mapping) else dict(task)
     if not jobs:
         raise ExportError("no task to export")
@@ -414,7 +490,9 @@ def export_adapter(
             d.mkdir(exist_ok=True)
             meta = {**(metadata or {}), "ept_jax.task": str(int(t)), "ept_jax.format": format}
             if format == "merged":
-                write_merged(model, int(t), d, base_dir=base_dir, dtype=dtype, metadata=meta)
+                write_merged(
+                    model, int(t), d, base_dir=base_dir, dtype=dtype, metadata=meta, tokenizer=tokenizer
+                )
             else:
                 write_peft(model, int(t), d, base_model_name_or_path=str(name), dtype=dtype, metadata=meta)
     return [out / sub if sub else out for sub in jobs]
@@ -439,13 +517,16 @@ def model_from_reference(
 
     The release's own delta cannot be merged (its shape is wrong); ours can, and the reference variant's task
     delta is exactly of rank ``r * top_k``. The model gets ``AdapterConfig(kind="ept", variant="reference")``
-    with ``r`` and ``lora_alpha`` from the release's ``adapter_config.json``, the adapted Linears and the number of
-    task rows from its tensors, and the adapter imported by ``checkpoints.reference.load_reference_adapter``.
+    with ``r`` and ``lora_alpha`` from the release's ``adapter_config.json``, the adapted Linears and the
+    number of task rows from its tensors, and the adapter imported by
+    ``checkpoints.reference.load_reference_adapter``.
 
     Args:
-      adapter_dir: the release's directory (``adapter_model.safetensors`` or ``.bin``, ``adapter_config.json``).
+      adapter_dir: the release's directory (``adapter_model.safetensors`` or ``.bin``,
+        ``adapter_config.json``).
       base: the base model directory (or hub id) the adapter was trained on.
-      expert_kernel_sizes: the experts' kernel sizes; None reads them off the saved kernels (given, they must agree).
+      expert_kernel_sizes: the experts' kernel sizes; None reads them off the saved kernels (given, they must
+        agree with them).
       top_k: experts mixed per task (the release trains with 2; the file does not record it); None = dense.
       dtype: the model's compute and parameter dtype (``"float32"`` or ``"bfloat16"``).
     Returns:
@@ -456,7 +537,6 @@ def model_from_reference(
     """
     from ept_jax.adapters import AdapterConfig
     from ept_jax.checkpoints.reference import load_reference_adapter, read_reference_adapter
-    from ept_jax.models import from_pretrained
     from ept_jax.nn import Injection
 
     adapter_dir = Path(adapter_dir)
@@ -467,17 +547,21 @@ def model_from_reference(
     except FileNotFoundError as e:
         raise ExportError(str(e)) from e
     if not modules:
-        raise ExportError(f"{adapter_dir}: the adapter file holds no EPT module (no lora_A / lora_expert_kernels keys)")
+        raise ExportError(
+            f"{adapter_dir}: the adapter file holds no EPT module (no lora_A / lora_expert_kernels keys)"
+        )
     missing = [k for k in ("r", "lora_alpha") if k not in meta]
     if missing:
         raise ExportError(
-            f"{adapter_dir / 'adapter_config.json'} is missing or lacks {missing}: the release writes r and lora_alpha "
-            "there, and the adapter's scale lora_alpha / r cannot be recovered from the tensors"
+            f"{adapter_dir / 'adapter_config.json'} is missing or lacks {missing}: the release writes r and "
+            "lora_alpha there, and the adapter's scale lora_alpha / r cannot be recovered from the tensors"
         )
     found = meta["expert_kernel_sizes"]
     if expert_kernel_sizes is None:
         if found is None:
-            raise ExportError(f"{adapter_dir}: the modules' expert kernels disagree; pass the kernel sizes explicitly")
+            raise ExportError(
+                f"{adapter_dir}: the modules' expert kernels disagree; pass the kernel sizes explicitly"
+            )
         expert_kernel_sizes = tuple(found)
     elif found is not None and tuple(expert_kernel_sizes) != tuple(found):
         raise ExportError(
@@ -489,11 +573,59 @@ def model_from_reference(
         raise ExportError(f"{adapter_dir}: task embeddings of {sorted(rows)} rows; expected one row count")
     n_rows = rows.pop()
     cfg = AdapterConfig(
-        kind="ept", variant="reference", r=int(meta["r"]), alpha=float(meta["lora_alpha"]),
-        expert_kernel_sizes=tuple(int(k) for k in expert_kernel_sizes), top_k=top_k, n_tasks=n_rows,
-        n_task_rows=n_rows, dropout=0.0, param_dtype=dtype,
+        kind="ept",
+        variant="reference",
+        r=int(meta["r"]),
+        alpha=float(meta["lora_alpha"]),
+        expert_kernel_sizes=tuple(int(k) for k in expert_kernel_sizes),
+        top_k=top_k,
+        n_tasks=n_rows,
+        n_task_rows=n_rows,
+        dropout=0.0,
+        param_dtype=dtype,
     )
     targets = tuple(sorted({path.rsplit(".", 1)[-1] for path in modules}))
-    model = from_pretrained(base, injection=Injection(adapter=cfg, targets=targets), dtype=dtype, param_dtype=dtype)
+    model = _base_with_abstract_adapters(base, Injection(adapter=cfg, targets=targets), dtype)
     load_reference_adapter(model, str(adapter_dir))
+    abstract = [
+        hf.path_str(p)
+        for p, v in nnx.iter_graph(model)
+        if isinstance(v, nnx.Variable) and isinstance(v.get_value(), jax.ShapeDtypeStruct)
+    ]
+    if abstract:  # load_reference_adapter is strict, so this would be a bug, not a user error
+        raise RuntimeError(f"parameters left unset after loading the reference adapter: {abstract[:5]}")
     return model, n_rows
+
+
+def _base_with_abstract_adapters(base: str | os.PathLike, injection, dtype: str) -> nnx.Module:
+    """``base`` loaded strictly with ``injection``'s adapters left abstract (``jax.ShapeDtypeStruct``).
+
+    The release's tensors replace every adapter parameter, so initialising them first (which compiles an
+    initialiser for the whole model) would be spent for nothing; ``load_reference_adapter`` fills abstract
+    variables.
+    """
+    from ept_jax.models import family_of
+
+    model_dir = hf.resolve_model_dir(base)
+    config = hf.read_config(model_dir)
+    if family_of(config.get("model_type", "")) == "t5":
+        from ept_jax.checkpoints.t5_map import hf_ignore, hf_rules
+        from ept_jax.models.t5 import T5Config as Config
+        from ept_jax.models.t5 import T5Model as Model
+    else:
+        from ept_jax.checkpoints.llama_map import hf_ignore, hf_rules
+        from ept_jax.models.llama import LlamaConfig as Config
+        from ept_jax.models.llama import LlamaModel as Model
+    try:
+        cfg = Config.from_hf(config)
+    except ValueError as e:
+        raise hf.CheckpointError(f"{model_dir}: {e}") from e
+    tensors = hf.read_tensors(model_dir)
+    abstract = nnx.eval_shape(
+        lambda: Model(cfg, injection=injection, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+    )
+    graphdef, base_state, rest = nnx.split(abstract, nnx.All(nnx.Param, nnx.Not(AdapterParam)), ...)
+    base_state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), base_state)
+    model = nnx.merge(graphdef, base_state, rest)
+    hf.load_into(model, tensors, hf_rules(cfg), ignore=hf_ignore(cfg), source=str(model_dir))
+    return model

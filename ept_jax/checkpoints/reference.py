@@ -180,7 +180,8 @@ def load_reference_adapter(model: nnx.Module, directory: str, strict: bool = Tru
                 problems.append(f"{path}: the file has r={meta['r']}, the adapter config r={adapter.cfg.r}")
             if "lora_alpha" in meta and float(meta["lora_alpha"]) != float(adapter.cfg.alpha):
                 problems.append(
-                    f"{path}: the file has lora_alpha={meta['lora_alpha']}, the adapter config alpha={adapter.cfg.alpha}"
+                    f"{path}: the file has lora_alpha={meta['lora_alpha']}, "
+                    f"the adapter config alpha={adapter.cfg.alpha}"
                 )
         tensors = modules.pop(path, None)
         if tensors is None:

@@ -1,26 +1,28 @@
 """The T5 family (T5 v1.0, T5 v1.1, Flan-T5, mT5) in flax NNX, with adapters injected into chosen Linears.
 
 The module tree mirrors transformers' ``T5ForConditionalGeneration`` (``shared``, ``encoder.block.{i}.layer.0.
-SelfAttention.q`` ..., ``decoder.block.{i}.layer.1.EncDecAttention.k``, ``decoder.block.{i}.layer.2.DenseReluDense.
-wi_0``, ``{encoder,decoder}.final_layer_norm``, ``lm_head``), so parameter paths, adapted-Linear names and Hugging
-Face tensor names coincide (mapping table: ``ept_jax.checkpoints.t5_map``). It computes what transformers computes:
+SelfAttention.q`` ..., ``decoder.block.{i}.layer.1.EncDecAttention.k``,
+``decoder.block.{i}.layer.2.DenseReluDense.wi_0``, ``{encoder,decoder}.final_layer_norm``, ``lm_head``), so
+parameter paths, adapted-Linear names and Hugging Face tensor names coincide (mapping table:
+``ept_jax.checkpoints.t5_map``). It computes what transformers computes:
 
-* relative position bias: a ``(buckets, heads)`` table held by the first block of each stack and shared by all of
-  its blocks (bidirectional buckets in the encoder, causal ones in the decoder; cross-attention has none); no
-  ``1/sqrt(d)`` query scaling (T5 folds it into the initialisation);
+* relative position bias: a ``(buckets, heads)`` table held by the first block of each stack and shared by all
+  of its blocks (bidirectional buckets in the encoder, causal ones in the decoder; cross-attention has none);
+  no ``1/sqrt(d)`` query scaling (T5 folds it into the initialisation);
 * T5 layer norm (RMS, no mean subtraction, no bias) computed in float32, pre-norm residual sublayers;
-* feed-forward ``wo(act(wi(x)))`` (v1.0, ReLU) or ``wo(act(wi_0(x)) * wi_1(x))`` (v1.1 / Flan-T5 / mT5, ``gelu_new``);
+* feed-forward ``wo(act(wi(x)))`` (v1.0, ReLU) or ``wo(act(wi_0(x)) * wi_1(x))`` (v1.1 / Flan-T5 / mT5,
+  ``gelu_new``);
 * tied output embeddings with the ``d_model ** -0.5`` output scaling (v1.0) or an untied ``lm_head`` (v1.1);
-* encoder and decoder depths may differ (``num_decoder_layers``); dropout is off (the frozen model runs in eval
-  mode; adapter dropout is the adapters' business).
+* encoder and decoder depths may differ (``num_decoder_layers``); dropout is off (the frozen model runs in
+  eval mode; adapter dropout is the adapters' business).
 
 Dtype policy: ``param_dtype`` (storage) and ``dtype`` (activations and matmuls) are ``"float32"`` or
-``"bfloat16"``; layer norms and the softmax are always float32, attention scores accumulate in float32 and logits
-are returned as float32. **float32 is the safe choice for T5**: pretrained T5 checkpoints produce activations
-beyond the float16 range (transformers #23135). bfloat16 shares float32's exponent range, so it does not
-overflow where float32 does not, but its 8-bit mantissa makes those large activations coarse; as transformers
-does for float16, every sublayer output in a non-float32 compute dtype is clamped to the dtype's finite range so
-an overflow cannot turn into inf/NaN further on.
+``"bfloat16"``; layer norms and the softmax are always float32, attention scores accumulate in float32 and
+logits are returned as float32. **float32 is the safe choice for T5**: pretrained T5 checkpoints produce
+activations beyond the float16 range (transformers #23135). bfloat16 shares float32's exponent range, so it
+does not overflow where float32 does not, but its 8-bit mantissa makes those large activations coarse; as
+transformers does for float16, every sublayer output in a non-float32 compute dtype is clamped to the dtype's
+finite range so an overflow cannot turn into inf/NaN further on.
 
 Generation (greedy, KV cache, one compiled program per shape) lives in ``ept_jax.models.t5_generate`` and is
 re-exported here as :func:`generate`.
@@ -46,9 +48,9 @@ from ept_jax.nn import (
     AdapterParam,
     Injection,
     Injector,
+    KeyStream,
     Linear,
     adapted_linears,
-    logical_axes,
     param,
 )
 
@@ -74,7 +76,7 @@ def _apply(lin: Linear | AdaptedLinear, x: Array, ctx: AdapterContext | None) ->
 
 
 def _clamp(h: Array) -> Array:
-    """Clamps a non-float32 activation to its dtype's finite range (transformers' float16 guard, see module doc)."""
+    """Clamps a non-float32 activation to its dtype's finite range (see the module docstring)."""
     if h.dtype == jnp.float32:
         return h
     top = float(jnp.finfo(h.dtype).max)
@@ -88,8 +90,8 @@ def relative_position_bucket(
 
     Args:
       relative_position: int array of ``key_position - query_position``, any shape.
-      bidirectional: encoder (True: half the buckets for positive offsets) or decoder (False: future keys share
-        bucket 0, they are masked anyway).
+      bidirectional: encoder (True: half the buckets for positive offsets) or decoder (False: future keys
+        share bucket 0, they are masked anyway).
       num_buckets / max_distance: ``relative_attention_num_buckets`` / ``relative_attention_max_distance``.
     Returns:
       int32 buckets in ``[0, num_buckets)``, same shape. Half of a direction's buckets are exact offsets, the
@@ -113,6 +115,10 @@ def relative_position_bucket(
     return buckets + jnp.where(is_small, rel, large)
 
 
+def _norm(cfg: T5Config, dtype, param_dtype) -> T5LayerNorm:
+    return T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype)
+
+
 class T5LayerNorm(nnx.Module):
     """T5 layer norm: ``weight * x / sqrt(mean(x^2) + eps)`` computed in float32, no mean, no bias."""
 
@@ -129,9 +135,10 @@ class T5LayerNorm(nnx.Module):
 
 
 class T5Embedding(nnx.Module):
-    """A lookup table ``embedding (num, dim)`` (the shared token embeddings or a relative position bias table)."""
+    """A lookup table ``embedding (num, dim)``: the shared token embeddings or a relative bias table."""
 
-    def __init__(self, num: int, dim: int, axes: tuple[str, str], std: float, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, num: int, dim: int, axes: tuple[str, str], std: float, *, dtype, param_dtype,
+                 rngs: nnx.Rngs):
         self.embedding = param(std * jax.random.normal(rngs.params(), (num, dim), param_dtype), axes)
         self.dtype = dtype
 
@@ -201,9 +208,10 @@ class T5Attention(nnx.Module):
           mask: bool, broadcastable to ``(B, L, S)``; True where query ``l`` may attend key ``s``.
           bias: float32 ``(1, heads, L, S)`` added to the scores, or None.
           kv_input: ``(B, S, d_model)`` states to attend (cross-attention); None = ``x`` (self-attention).
-          kv: precomputed ``(keys, values)`` ``(B, S, heads, d_kv)`` (cached cross-attention); wins over kv_input.
-          cache: self-attention cache ``(keys, values)`` ``(B, S, heads, d_kv)``; the new keys/values are written at
-            slots ``[index, index + L)`` and attention reads the whole cache.
+          kv: precomputed ``(keys, values)`` ``(B, S, heads, d_kv)`` (cached cross-attention); wins over
+            kv_input.
+          cache: self-attention cache ``(keys, values)`` ``(B, S, heads, d_kv)``; the new keys/values are
+            written at slots ``[index, index + L)`` and attention reads the whole cache.
         Returns:
           ``(B, L, d_model)`` and the updated cache (None without one).
         """
@@ -251,9 +259,11 @@ class T5LayerSelfAttention(nnx.Module):
     """``h + SelfAttention(layer_norm(h))``."""
 
     def __init__(self, cfg, path, stack, injector, *, relative_bias, dtype, param_dtype, rngs):
-        self.SelfAttention = T5Attention(cfg, f"{path}.SelfAttention", stack, injector, relative_bias=relative_bias,
-                                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.SelfAttention = T5Attention(
+            cfg, f"{path}.SelfAttention", stack, injector, relative_bias=relative_bias, **kw
+        )
+        self.layer_norm = _norm(cfg, dtype, param_dtype)
 
     def __call__(self, h, mask, bias, ctx, cache=None, index=0):
         out, cache = self.SelfAttention(self.layer_norm(h), mask, bias, ctx, cache=cache, index=index)
@@ -264,9 +274,11 @@ class T5LayerCrossAttention(nnx.Module):
     """``h + EncDecAttention(layer_norm(h), encoder states)`` (no position bias)."""
 
     def __init__(self, cfg, path, stack, injector, *, dtype, param_dtype, rngs):
-        self.EncDecAttention = T5Attention(cfg, f"{path}.EncDecAttention", stack, injector, relative_bias=False,
-                                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.EncDecAttention = T5Attention(
+            cfg, f"{path}.EncDecAttention", stack, injector, relative_bias=False, **kw
+        )
+        self.layer_norm = _norm(cfg, dtype, param_dtype)
 
     def __call__(self, h, mask, ctx, *, encoder_states=None, kv=None):
         out, _ = self.EncDecAttention(self.layer_norm(h), mask, None, ctx, kv_input=encoder_states, kv=kv)
@@ -279,7 +291,7 @@ class T5LayerFF(nnx.Module):
     def __init__(self, cfg, path, stack, injector, *, dtype, param_dtype, rngs):
         self.DenseReluDense = T5DenseReluDense(cfg, f"{path}.DenseReluDense", stack, injector, dtype=dtype,
                                                param_dtype=param_dtype, rngs=rngs)
-        self.layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype)
+        self.layer_norm = _norm(cfg, dtype, param_dtype)
 
     def __call__(self, h, ctx):
         return h + self.DenseReluDense(self.layer_norm(h), ctx)
@@ -300,7 +312,7 @@ class T5Block(nnx.Module):
 
     def __call__(self, h, mask, bias, ctx, *, encoder_states=None, cross_mask=None, cross_kv=None, cache=None,
                  index=0):
-        """``h (B, L, d_model)`` -> ``(B, L, d_model)``, updated self-attention cache (see :class:`T5Attention`)."""
+        """``h (B, L, d_model)`` -> ``(B, L, d_model)``, updated self-attention cache (see T5Attention)."""
         h, cache = self.layer[0](h, mask, bias, ctx, cache, index)
         h = _clamp(h)
         if self.is_decoder:
@@ -309,14 +321,13 @@ class T5Block(nnx.Module):
 
 
 class T5Stack(nnx.Module):
-    """The encoder or the decoder: blocks sharing the first block's position bias, then ``final_layer_norm``."""
+    """The encoder or decoder: blocks sharing the first block's position bias, then ``final_layer_norm``."""
 
     def __init__(self, cfg: T5Config, stack: str, injector: Injector, *, dtype, param_dtype, rngs: nnx.Rngs):
         depth = cfg.num_layers if stack == "encoder" else cfg.num_decoder_layers
-        self.block = nnx.List([
-            T5Block(cfg, stack, i, injector, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for i in range(depth)
-        ])
-        self.final_layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.block = nnx.List([T5Block(cfg, stack, i, injector, **kw) for i in range(depth)])
+        self.final_layer_norm = _norm(cfg, dtype, param_dtype)
         self.is_decoder = stack == "decoder"
 
     def __call__(self, h, mask, ctx, *, q_pos, k_pos, encoder_states=None, cross_mask=None, cross_kv=None,
@@ -326,7 +337,8 @@ class T5Stack(nnx.Module):
         ``q_pos (L,)`` / ``k_pos (S,)`` are the positions the relative bias is computed from; ``cross_kv`` and
         ``cache`` are per-block tuples (or None).
         """
-        bias = self.block[0].layer[0].SelfAttention.position_bias(q_pos, k_pos, bidirectional=not self.is_decoder)
+        table_holder = self.block[0].layer[0].SelfAttention
+        bias = table_holder.position_bias(q_pos, k_pos, bidirectional=not self.is_decoder)
         new_cache = []
         for i, blk in enumerate(self.block):
             h, c = blk(h, mask, bias, ctx, encoder_states=encoder_states, cross_mask=cross_mask,
@@ -342,7 +354,8 @@ class T5Cache:
 
     Attributes:
       self_kv: per decoder block ``(keys, values)`` ``(B, T, heads, d_kv)``: T preallocated decoder slots.
-      cross_kv: per decoder block ``(keys, values)`` ``(B, S, heads, d_kv)`` of the encoder states (computed once).
+      cross_kv: per decoder block ``(keys, values)`` ``(B, S, heads, d_kv)`` of the encoder states (computed
+        once).
       encoder_mask: ``(B, S)`` bool, True on real encoder tokens.
     """
 
@@ -352,20 +365,23 @@ class T5Cache:
 
 
 class T5Model(nnx.Module):
-    """A T5-family encoder-decoder language model (transformers' ``T5ForConditionalGeneration``) with adapters.
+    """A T5-family encoder-decoder language model (transformers' ``T5ForConditionalGeneration``) with
+    adapters.
 
     Args:
       cfg: the architecture.
-      injection: which Linears (``q``, ``k``, ``v``, ``o``, ``wi`` / ``wi_0``, ``wi_1``, ``wo``, in both stacks)
-        get which adapter; None for the plain model. ``lm_head`` is never adapted.
-      dtype / param_dtype: ``"float32"`` or ``"bfloat16"`` (see the module docstring; float32 is the safe choice).
-      rngs: initialisation keys (base weights are random until loaded, see :func:`from_pretrained`).
+      injection: which Linears (``q``, ``k``, ``v``, ``o``, ``wi`` / ``wi_0``, ``wi_1``, ``wo``, in both
+        stacks) get which adapter; None for the plain model. ``lm_head`` is never adapted.
+      dtype / param_dtype: ``"float32"`` or ``"bfloat16"`` (see the module docstring; float32 is the safe
+        choice).
+      rngs: initialisation keys, ``nnx.Rngs`` or ``ept_jax.nn.KeyStream`` (use the latter under
+        ``nnx.eval_shape``/jit); base weights are random until loaded (see :func:`from_pretrained`).
     Raises:
       ValueError: an unknown dtype name, or an injection target that names no Linear of the model.
     """
 
     def __init__(self, cfg: T5Config, *, injection: Injection | None = None, dtype: str = "float32",
-                 param_dtype: str = "float32", rngs: nnx.Rngs):
+                 param_dtype: str = "float32", rngs: nnx.Rngs | KeyStream):
         self.cfg = cfg
         self.dtype = _dtype(dtype, "dtype")
         pdt = _dtype(param_dtype, "param_dtype")
@@ -388,11 +404,14 @@ class T5Model(nnx.Module):
         decoder_attention_mask: Array | None = None,
         ctx: AdapterContext | None = None,
     ) -> Array:
-        """Logits ``(B, Lt, vocab)`` float32 (teacher forcing; ``decoder_input_ids`` are used as given, not shifted).
+        """Logits ``(B, Lt, vocab)`` float32 (teacher forcing; ``decoder_input_ids`` are used as given, not
+        shifted).
 
         Args:
-          input_ids: ``(B, Ls)`` encoder tokens; attention_mask ``(B, Ls)`` 1 on real tokens (None = all real).
-          decoder_input_ids: ``(B, Lt)``; decoder_attention_mask ``(B, Lt)`` (None = all real; causal either way).
+          input_ids: ``(B, Ls)`` encoder tokens; attention_mask ``(B, Ls)`` 1 on real tokens (None = all
+            real).
+          decoder_input_ids: ``(B, Lt)``; decoder_attention_mask ``(B, Lt)`` (None = all real; causal either
+            way).
           ctx: adapter context (task ids, dropout); None runs the base model.
         """
         input_ids = _check_ids(input_ids, "input_ids")
@@ -402,7 +421,8 @@ class T5Model(nnx.Module):
 
     def encode(self, input_ids: Array, attention_mask: Array | None = None,
                ctx: AdapterContext | None = None) -> Array:
-        """Encoder states ``(B, Ls, d_model)`` (compute dtype, after ``final_layer_norm``) of ``input_ids (B, Ls)``."""
+        """Encoder states ``(B, Ls, d_model)`` (compute dtype, after ``final_layer_norm``) of ``input_ids``
+        ``(B, Ls)``."""
         input_ids = _check_ids(input_ids, "input_ids")
         mask = _check_mask(attention_mask, input_ids, "attention_mask")
         pos = jnp.arange(input_ids.shape[1])
@@ -418,20 +438,22 @@ class T5Model(nnx.Module):
         dec_mask = _check_mask(decoder_attention_mask, dec_ids, "decoder_attention_mask")
         pos = jnp.arange(dec_ids.shape[1])
         mask = (pos[None, :] <= pos[:, None])[None] & dec_mask[:, None, :]
-        h, _ = self.decoder(self.shared(dec_ids), mask, ctx, q_pos=pos, k_pos=pos, encoder_states=encoder_states,
-                            cross_mask=enc_mask[:, None, :])
+        h, _ = self.decoder(self.shared(dec_ids), mask, ctx, q_pos=pos, k_pos=pos,
+                            encoder_states=encoder_states, cross_mask=enc_mask[:, None, :])
         return self._logits(h)
 
     def init_cache(self, encoder_states: Array, attention_mask: Array | None, max_length: int,
                    ctx: AdapterContext | None = None) -> T5Cache:
-        """A decoding cache for up to ``max_length`` decoder tokens: empty self-attention slots and every decoder
-        block's cross-attention keys/values of ``encoder_states (B, Ls, d_model)`` (adapters apply to them)."""
+        """A decoding cache for up to ``max_length`` decoder tokens: empty self-attention slots and every
+        decoder block's cross-attention keys/values of ``encoder_states (B, Ls, d_model)`` (adapters apply to
+        them)."""
         b = encoder_states.shape[0]
         cfg = self.cfg
         mask = _check_mask(attention_mask, encoder_states.shape[:2], "attention_mask")
         shape = (b, max_length, cfg.num_heads, cfg.d_kv)
-        self_kv = tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.decoder.block)
-        cross_kv = tuple(blk.layer[1].EncDecAttention.project_kv(encoder_states, ctx) for blk in self.decoder.block)
+        blocks = self.decoder.block
+        self_kv = tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in blocks)
+        cross_kv = tuple(blk.layer[1].EncDecAttention.project_kv(encoder_states, ctx) for blk in blocks)
         return T5Cache(self_kv=self_kv, cross_kv=cross_kv, encoder_mask=mask)
 
     def decode_step(self, decoder_input_ids: Array, cache: T5Cache, index: Array | int,
@@ -459,7 +481,9 @@ class T5Model(nnx.Module):
 def _check_ids(ids, what: str) -> Array:
     ids = jnp.asarray(ids)
     if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise ValueError(f"{what} must be an integer array (batch, length); got {ids.dtype} of shape {ids.shape}")
+        raise ValueError(
+            f"{what} must be an integer array (batch, length); got {ids.dtype} of shape {ids.shape}"
+        )
     return ids
 
 
@@ -478,31 +502,37 @@ def _check_mask(mask, like, what: str) -> Array:
 _BASE = nnx.All(nnx.Param, nnx.Not(AdapterParam))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "d_in", "d_out", "axes"))
-def _adapter_state(key: Array, *, cfg, d_in: int, d_out: int, axes) -> nnx.State:
-    """The initial state of one adapter, compiled once per (config, shape, axes) and reused for every Linear."""
+@functools.partial(jax.jit, static_argnames=("cfg", "d_in", "d_out"))
+def _adapter_values(key: Array, *, cfg, d_in: int, d_out: int) -> dict:
+    """The initial values (a pure dict, no metadata) of one ``d_in -> d_out`` adapter, compiled once per
+    (config, shape) and reused for every Linear of that shape; logical axes stay with the model's own
+    variables."""
     from ept_jax.adapters import make_adapter  # local import, as in ept_jax.nn: adapters imports nn
 
-    return nnx.state(make_adapter(cfg, d_in, d_out, rngs=nnx.Rngs(key), axes=axes))
+    return nnx.state(make_adapter(cfg, d_in, d_out, rngs=KeyStream(key))).to_pure_dict()
 
 
-def _init_for_loading(cfg: T5Config, injection, dtype, param_dtype, rngs: nnx.Rngs) -> T5Model:
-    """A model whose base weights are zeros (about to be overwritten) and whose adapters are really initialised.
+def _init_for_loading(cfg: T5Config, injection, dtype, param_dtype, rngs: nnx.Rngs | KeyStream) -> T5Model:
+    """A model whose base weights are zeros (about to be overwritten) and whose adapters are really
+    initialised.
 
     Random-initialising every base weight only to overwrite it is slow for large models, so the model is built
     abstractly (``nnx.eval_shape``) and its base state allocated as zeros. Each adapter is initialised by a
-    function compiled per distinct (adapter config, Linear shape): a T5 has a handful of Linear shapes but up to
-    hundreds of adapted Linears, and one program initialising all of them at once takes XLA minutes to compile.
-    Adapter ``j`` (in construction order, ``AdaptedLinear.index``) gets the key ``fold_in(rngs.params(), j)``.
+    function compiled per distinct (adapter config, Linear shape): a T5 has a handful of Linear shapes but up
+    to hundreds of adapted Linears, and one program initialising all of them at once takes XLA minutes to
+    compile. Adapter ``j`` (in construction order, ``AdaptedLinear.index``) gets the key
+    ``fold_in(rngs.params(), j)``.
     """
     key = rngs.params()
+    # KeyStream, not nnx.Rngs: under eval_shape nnx.Rngs makes construction quadratic in the model size.
     model = nnx.eval_shape(
-        lambda: T5Model(cfg, injection=injection, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        lambda: T5Model(cfg, injection=injection, dtype=dtype, param_dtype=param_dtype, rngs=KeyStream(0))
     )
     for _, lin in adapted_linears(model):
-        axes = logical_axes(lin.base.kernel)
-        state = _adapter_state(jax.random.fold_in(key, lin.index), cfg=injection.adapter, d_in=lin.base.d_in,
-                               d_out=lin.base.d_out, axes=None if axes is None else tuple(axes))
+        values = _adapter_values(jax.random.fold_in(key, lin.index), cfg=injection.adapter,
+                                 d_in=lin.base.d_in, d_out=lin.base.d_out)
+        state = nnx.state(lin.adapter)
+        nnx.replace_by_pure_dict(state, values)
         nnx.update(lin.adapter, state)
     graphdef, base_abstract, rest = nnx.split(model, _BASE, ...)
     base = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), base_abstract)
@@ -518,17 +548,19 @@ def from_pretrained(
     injection: Injection | None = None,
     dtype: str = "float32",
     param_dtype: str = "float32",
-    rngs: nnx.Rngs | None = None,
+    rngs: nnx.Rngs | KeyStream | None = None,
 ) -> T5Model:
     """Loads a T5-family checkpoint, strictly, optionally with adapters injected.
 
     Args:
       name_or_path: a Hugging Face model directory (``config.json`` + ``model.safetensors``, a sharded
-        ``model.safetensors.index.json``, a legacy Flax ``flax_model.msgpack`` or ``pytorch_model.bin``) or a hub id.
-      injection: adapters to inject (targets by short name: ``q``, ``k``, ``v``, ``o``, ``wi``, ``wi_0``, ``wi_1``,
-        ``wo``).
+        ``model.safetensors.index.json``, a legacy Flax ``flax_model.msgpack`` or ``pytorch_model.bin``) or a
+        hub id.
+      injection: adapters to inject (targets by short name: ``q``, ``k``, ``v``, ``o``, ``wi``, ``wi_0``,
+        ``wi_1``, ``wo``).
       dtype / param_dtype: ``"float32"`` (safe) or ``"bfloat16"``.
-      rngs: keys for the adapters' initialisation (default ``nnx.Rngs(0)``).
+      rngs: keys for the adapters' initialisation (default ``nnx.Rngs(0)``); adapter ``j`` (in construction
+        order) gets ``fold_in(rngs.params(), j)``.
     Raises:
       CheckpointError: no weights, an unsupported config, or a missing / unexpected / wrongly shaped tensor
         (each named).

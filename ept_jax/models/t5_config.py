@@ -2,8 +2,8 @@
 
 :class:`T5Config` reads a Hugging Face ``config.json`` as transformers does:
 
-* ``feed_forward_proj`` is ``"ACT"`` or ``"gated-ACT"``; ``"gated-gelu"`` means the tanh-approximated ``gelu_new``
-  (transformers' backwards-compatibility rule), a plain ``"gelu"`` the exact erf GELU;
+* ``feed_forward_proj`` is ``"ACT"`` or ``"gated-ACT"``; ``"gated-gelu"`` means the tanh-approximated
+  ``gelu_new`` (transformers' backwards-compatibility rule), a plain ``"gelu"`` the exact erf GELU;
 * ``tie_word_embeddings`` (default True) decides whether the output projection is the shared embedding matrix;
   the ``d_model ** -0.5`` output scaling of T5 v1.0 goes with tied embeddings, unless the file says otherwise
   in ``scale_decoder_outputs`` (transformers 5 writes it);
@@ -47,8 +47,9 @@ class T5Config:
     Attributes mirror transformers' ``T5Config``: ``d_model`` (hidden size), ``d_kv`` (head dim), ``d_ff``
     (feed-forward size), ``num_layers`` / ``num_decoder_layers`` (encoder / decoder depth), ``num_heads``,
     ``relative_attention_num_buckets`` / ``relative_attention_max_distance`` (relative position buckets),
-    ``layer_norm_epsilon``, ``feed_forward_proj``, ``tie_word_embeddings``, ``scale_decoder_outputs`` (multiply
-    the decoder output by ``d_model ** -0.5`` before the output projection, T5 v1.0) and the special token ids.
+    ``layer_norm_epsilon``, ``feed_forward_proj``, ``tie_word_embeddings``, ``scale_decoder_outputs``
+    (multiply the decoder output by ``d_model ** -0.5`` before the output projection, T5 v1.0) and the special
+    token ids.
     """
 
     vocab_size: int
@@ -76,14 +77,16 @@ class T5Config:
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"T5Config.{name}={v!r}: must be a positive integer")
         if self.relative_attention_num_buckets < 4:
-            # bidirectional buckets halve the count and half of those are exact: fewer than 4 leaves no log bins
+            # bidirectional buckets halve the count and half of those are exact: below 4 no log bins remain
             raise ValueError(
                 f"T5Config.relative_attention_num_buckets={self.relative_attention_num_buckets}: must be >= 4"
             )
         if not self.layer_norm_epsilon > 0:
             raise ValueError(f"T5Config.layer_norm_epsilon={self.layer_norm_epsilon!r}: must be > 0")
         if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type={self.model_type!r} is not a T5-family config; accepted: {MODEL_TYPES}")
+            raise ValueError(
+                f"model_type={self.model_type!r} is not a T5-family config; accepted: {MODEL_TYPES}"
+            )
         parts = self.feed_forward_proj.split("-")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
             raise ValueError(
@@ -92,8 +95,8 @@ class T5Config:
             )
         if self.dense_act_fn not in ACTIVATIONS:
             raise ValueError(
-                f"feed_forward_proj={self.feed_forward_proj!r}: activation {self.dense_act_fn!r} is not supported; "
-                f"accepted: {sorted(ACTIVATIONS)}"
+                f"feed_forward_proj={self.feed_forward_proj!r}: activation {self.dense_act_fn!r} is not "
+                f"supported; accepted: {sorted(ACTIVATIONS)}"
             )
 
     @property
@@ -103,7 +106,7 @@ class T5Config:
 
     @property
     def dense_act_fn(self) -> str:
-        """The activation's transformers name (``"gated-gelu"`` -> ``"gelu_new"``, as transformers maps it)."""
+        """The activation's transformers name (``"gated-gelu"`` -> ``"gelu_new"``, as transformers does)."""
         if self.feed_forward_proj == "gated-gelu":
             return "gelu_new"
         return self.feed_forward_proj.split("-")[-1]
@@ -163,8 +166,9 @@ class T5Config:
     def to_hf(self) -> dict[str, Any]:
         """A ``config.json`` dict that transformers (4 and 5) and :meth:`from_hf` read back to this config."""
         eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        arch = "MT5ForConditionalGeneration" if self.model_type == "mt5" else "T5ForConditionalGeneration"
         return {
-            "architectures": ["MT5ForConditionalGeneration" if self.model_type == "mt5" else "T5ForConditionalGeneration"],
+            "architectures": [arch],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "d_model": self.d_model,

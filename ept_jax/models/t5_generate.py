@@ -2,8 +2,8 @@
 
 The model enters the compiled function as ``nnx.split`` graph definition (static) and state (traced), so new
 weights, new prompts or new special-token ids of the same shapes reuse the compiled program. The decoder's
-self-attention cache is preallocated for ``max_new_tokens`` slots and the loop is a ``lax.while_loop`` that stops
-as soon as every sequence has emitted an EOS token.
+self-attention cache is preallocated for ``max_new_tokens`` slots and the loop is a ``lax.while_loop`` that
+stops as soon as every sequence has emitted an EOS token.
 """
 
 from __future__ import annotations
@@ -21,8 +21,13 @@ from ept_jax.nn import AdapterContext
 Array = jax.Array
 
 
+EOS_SLOTS = 4
+
+
 def eos_array(eos_token_id) -> Array:
-    """``eos_token_id`` (None, an int or a sequence of ints) as an int32 vector ``(n_eos,)`` (possibly empty)."""
+    """``eos_token_id`` (None, an int or a sequence of ints) as an int32 vector padded with -1 (never a token)
+    to a multiple of :data:`EOS_SLOTS` entries, so that no EOS, one EOS or a few share one compiled
+    program."""
     if eos_token_id is None:
         ids: list[int] = []
     elif isinstance(eos_token_id, (int, np.integer)) and not isinstance(eos_token_id, bool):
@@ -33,7 +38,10 @@ def eos_array(eos_token_id) -> Array:
         ids = [int(e) for e in eos_token_id]
     else:
         raise ValueError(f"eos_token_id={eos_token_id!r}: expected None, an int or a sequence of ints")
-    return jnp.asarray(ids, jnp.int32).reshape(len(ids))
+    if any(i < 0 for i in ids):
+        raise ValueError(f"eos_token_id={eos_token_id!r}: token ids must be non-negative")
+    slots = max(EOS_SLOTS, -(-len(ids) // EOS_SLOTS) * EOS_SLOTS)
+    return jnp.asarray(ids + [-1] * (slots - len(ids)), jnp.int32)
 
 
 def _token_id(value, what: str) -> Array:
@@ -55,9 +63,10 @@ def generate(
 ) -> Array:
     """Greedy decoding of a :class:`~ept_jax.models.t5.T5Model` with a KV cache.
 
-    Matches transformers' ``generate(do_sample=False, num_beams=1)`` for an encoder-decoder: the decoder starts
-    from ``decoder_start_token_id``, each step appends the argmax token, a sequence that emitted an EOS token emits
-    ``pad_token_id`` afterwards, and the loop stops early once every sequence is done (the rest stays padding).
+    Matches transformers' ``generate(do_sample=False, num_beams=1)`` for an encoder-decoder: the decoder
+    starts from ``decoder_start_token_id``, each step appends the argmax token, a sequence that emitted an EOS
+    token emits ``pad_token_id`` afterwards, and the loop stops early once every sequence is done (the rest
+    stays padding).
 
     Args:
       model: a ``T5Model`` (adapters included; ``ctx`` selects each example's task).
@@ -73,25 +82,30 @@ def generate(
     Raises:
       ValueError: ``max_new_tokens < 1``, bad shapes, or malformed token ids.
     """
-    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    integral = isinstance(max_new_tokens, (int, np.integer)) and not isinstance(max_new_tokens, bool)
+    if not integral or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2 or input_ids.shape[1] < 1 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
-        raise ValueError(f"input_ids must be integer (batch, length >= 1); got {input_ids.dtype} {input_ids.shape}")
+        raise ValueError(
+            f"input_ids must be integer (batch, length >= 1); got {input_ids.dtype} {input_ids.shape}"
+        )
     if attention_mask is None:
         mask = jnp.ones(input_ids.shape, bool)
     else:
         mask = jnp.asarray(attention_mask)
         if mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids shape {input_ids.shape}")
+            raise ValueError(
+                f"attention_mask shape {mask.shape} does not match input_ids shape {input_ids.shape}"
+            )
         mask = mask.astype(bool)
     if decoder_start_token_id is None:
         decoder_start_token_id = model.cfg.decoder_start_token_id
     start = _token_id(decoder_start_token_id, "decoder_start_token_id")
     pad = _token_id(pad_token_id, "pad_token_id")
     graphdef, state = nnx.split(model)
-    return _generate_jit(graphdef, state, input_ids.astype(jnp.int32), mask, ctx, eos_array(eos_token_id), pad,
-                         start, max_new_tokens=int(max_new_tokens))
+    ids, eos = input_ids.astype(jnp.int32), eos_array(eos_token_id)
+    return _generate_jit(graphdef, state, ids, mask, ctx, eos, pad, start, max_new_tokens=int(max_new_tokens))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
