@@ -1,0 +1,110 @@
+"""The config schema every training config shares, with the EPT release's GLUE settings as defaults.
+
+Config files (``configs/t5_glue.py``, ``configs/smoke.py`` ...) start from :func:`base_config` and change what
+differs. Every key exists here: the config is locked after loading, so ``--config.a.b=value`` overrides of keys
+that do not exist are refused. Fields that may be None are ``placeholder`` s of their type, so they can still be
+set from the command line (an ``int`` placeholder cannot be set back to None from the command line; configs
+that need None, e.g. the dense-routing ablation, set it in the file).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+GLUE_TASKS = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb")
+
+# google-t5/t5-base config.json, recorded so the model can be built from abstract shapes offline
+# (train.inspect). When weights are loaded, the checkpoint's own config.json is the architecture.
+T5_BASE_ARCH = {
+    "model_type": "t5",
+    "vocab_size": 32128,
+    "d_model": 768,
+    "d_kv": 64,
+    "d_ff": 3072,
+    "num_layers": 12,
+    "num_heads": 12,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "layer_norm_epsilon": 1e-6,
+    "feed_forward_proj": "relu",
+    "tie_word_embeddings": True,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """T5-base on the eight GLUE tasks with the EPT release's settings (see ``configs/t5_glue.py``)."""
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.family = "t5"  # 't5' | 'llama'
+    c.model.name_or_path = config_dict.placeholder(str)
+    c.model.name_or_path = "google-t5/t5-base"  # hub id or local Hugging Face directory
+    c.model.random_init = False  # True: random base weights built from model.arch (smoke runs)
+    c.model.arch = dict(T5_BASE_ARCH)
+    c.model.dtype = "float32"  # activations; T5 is only safe in float32 (see ept_jax.models.t5)
+    c.model.param_dtype = "float32"  # frozen base weights
+
+    c.adapter = ml_collections.ConfigDict()
+    c.adapter.kind = "ept"  # 'ept' | 'lora' | 'moelora' | 'dcft'
+    c.adapter.variant = "reference"  # 'reference' (the released code) | 'paper'
+    c.adapter.r = 8
+    c.adapter.alpha = 32.0
+    c.adapter.expert_kernel_sizes = (2, 2, 4, 4, 6, 6, 8, 8)
+    c.adapter.top_k = config_dict.placeholder(int)
+    c.adapter.top_k = 2
+    c.adapter.n_task_rows = 8
+    c.adapter.dropout = 0.1
+    c.adapter.init = config_dict.placeholder(str)  # None (the variant's) | 'default' | 'gaussian'
+    c.adapter.alp = True
+    c.adapter.dim_scaling = False
+    c.adapter.contrastive_tau = 0.05
+    c.adapter.n_moe_experts = 8
+    c.adapter.param_dtype = "float32"
+    c.adapter.forward_path = "fast"
+    c.adapter.targets = ("q", "k", "v", "o", "wi", "wo")
+    c.adapter.contrastive_lambda = 0.1
+    c.adapter.contrastive_stacks = ("encoder",)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "glue"  # task family: 'glue' | 'commonsense' | 'synthetic'
+    c.data.path = config_dict.placeholder(str)  # hub id or save_to_disk directory; None = the family default
+    c.data.tasks = GLUE_TASKS
+    c.data.eval_protocol = "reference"  # GLUE: 'reference' | 'standard' | 'hyperformer'; unused by 'synthetic'
+    c.data.split_seed = config_dict.placeholder(int)  # None = the protocol's own seed
+    c.data.sampling = "release"  # 'release' (softmax(n_i/N)) | 'uniform' (1/T) | 'mixed'
+    c.data.max_source_length = 128
+    c.data.max_target_length = 16
+    c.data.max_train_examples = config_dict.placeholder(int)  # per task; None = all
+    c.data.tokenizer = config_dict.placeholder(str)  # None = the model's; 'byt5'; or a tokenizer directory
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 74_148
+    c.train.batch_size = 128  # global
+    c.train.learning_rate = 3e-4
+    c.train.warmup_steps = 500
+    c.train.weight_decay = 0.01
+    c.train.grad_clip = 1.0  # global-norm clipping; 0 disables
+    c.train.seed = 42
+    c.train.log_every = 50
+    c.train.eval_every = 1000
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 3
+    c.train.nan_policy = "skip"  # 'skip' (step ignored, counted) | 'stop' (clear error)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 256
+    c.eval.max_new_tokens = 16
+    c.eval.merge_adapters = False  # merge each task's adapter into the base weights and decode without adapters
+    c.eval.max_examples = config_dict.placeholder(int)  # per evaluation set; None = all
+    c.eval.average = "paper"  # 'paper' | 'release' (see ept_jax.metrics.glue_average)
+    c.eval.final_test = True  # evaluate the best checkpoint on the test sets at the end
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    return c

@@ -1,0 +1,170 @@
+"""Resuming: an interrupted run, started again with the same command and workdir, ends identical to an
+uninterrupted one (every metrics record except timings, the results, the final and the best adapter parameters).
+
+Interruptions covered: a clean stop after the checkpoint at step N of 2N (``EPT_STOP_AFTER_STEP``, the schedule
+stays the 2N-step one), ``kill -9`` during training, ``kill -9`` during a checkpoint write (a temporary
+checkpoint directory is left behind), and a truncated file in the latest checkpoint (a warning names it and the
+previous checkpoint is used). Restoring into another adapter shape is refused, naming the entries.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 40
+OVERRIDES = [
+    f"--config.train.steps={STEPS}",
+    "--config.train.checkpoint_every=10",
+    "--config.train.log_every=5",
+    "--config.train.eval_every=20",
+    "--config.eval.max_examples=16",
+]
+TIMING_KEYS = ("tokens_per_s", "elapsed_s")
+
+
+def command(workdir, args=()):
+    return [sys.executable, "-m", "train.main", "--config", str(REPO / "configs/smoke.py"), "--workdir",
+            str(workdir), *OVERRIDES, *args]
+
+
+def environment(cache_dir, **extra):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
+    env.pop("XLA_FLAGS", None)
+    env.pop("EPT_STOP_AFTER_STEP", None)
+    env.update(extra)
+    return env
+
+
+def cli(workdir, cache_dir, args=(), **extra):
+    return subprocess.run(command(workdir, args), cwd=REPO, env=environment(cache_dir, **extra), capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("resume_jax_cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
+    """The uninterrupted 2N-step run."""
+    workdir = tmp_path_factory.mktemp("resume") / "uninterrupted"
+    out = cli(workdir, cache_dir)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return workdir
+
+
+def params(path: Path) -> dict:
+    return ocp.StandardCheckpointer().restore(path.absolute())
+
+
+def outcome(workdir: Path) -> dict:
+    """Everything that must match: metrics records without timings, results, final and best parameters."""
+    recs = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    best = [p for p in (workdir / "best").iterdir() if p.name.isdigit()]
+    assert len(best) == 1
+    return {
+        "records": [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in recs],
+        "results": json.loads((workdir / "results.json").read_text()),
+        "final": params(workdir / f"checkpoints/{STEPS}/params"),
+        "best": (best[0].name, params(best[0] / "params")),
+    }
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert [r["step"] for r in a["records"]] == [r["step"] for r in b["records"]]
+    assert a["records"] == b["records"]
+    assert a["results"] == b["results"]
+    assert a["best"][0] == b["best"][0]
+    for name in ("final", "best"):
+        x = a[name] if name == "final" else a[name][1]
+        y = b[name] if name == "final" else b[name][1]
+        flat_x = {"/".join(map(str, k)): v for k, v in _flatten(x)}
+        flat_y = {"/".join(map(str, k)): v for k, v in _flatten(y)}
+        assert flat_x.keys() == flat_y.keys()
+        for k in flat_x:
+            np.testing.assert_array_equal(np.asarray(flat_x[k]), np.asarray(flat_y[k]), err_msg=f"{name} {k}")
+
+
+def _flatten(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def test_clean_stop_then_same_command_is_identical(reference, cache_dir, tmp_path):
+    workdir = tmp_path / "stopped"
+    out = cli(workdir, cache_dir, EPT_STOP_AFTER_STEP=str(STEPS // 2))
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert f"stopped after the checkpoint at step {STEPS // 2}" in out.stdout
+    recs = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["step"] == STEPS // 2 and not (workdir / "results.json").exists()
+
+    # kill -9 in the middle of writing checkpoint 30 leaves Orbax's temporary directory: ignored, then removed
+    partial = workdir / "checkpoints" / "30.orbax-checkpoint-tmp-1234567"
+    (partial / "params").mkdir(parents=True)
+    (partial / "params" / "manifest.ocdbt").write_bytes(b"\x00" * 7)
+    # a truncated file in the latest checkpoint: keep a copy of the stopped run to test that on
+    corrupted = tmp_path / "corrupted"
+    shutil.copytree(workdir, corrupted)
+
+    out = cli(workdir, cache_dir)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert not partial.exists()
+    assert_identical(outcome(workdir), outcome(reference))
+
+    victim = max((corrupted / "checkpoints/20/params").rglob("d/*"), key=lambda f: f.stat().st_size)
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    out = cli(corrupted, cache_dir)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "checkpoints/20 cannot be read" in out.stderr
+    assert (corrupted / "checkpoints_corrupt" / "20").is_dir()
+    assert_identical(outcome(corrupted), outcome(reference))
+
+
+def test_kill_9_during_training_is_identical(reference, cache_dir, tmp_path):
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(command(workdir), cwd=REPO, env=environment(cache_dir), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 500
+        while not (workdir / "checkpoints/10/commit_success.txt").exists() and proc.poll() is None:
+            assert time.time() < deadline, "the run never wrote checkpoint 10"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (workdir / "results.json").exists()
+    out = cli(workdir, cache_dir)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "resumed from" in out.stderr
+    assert_identical(outcome(workdir), outcome(reference))
+
+
+def test_restoring_another_adapter_shape_is_refused(reference, cache_dir):
+    before = {p: p.read_bytes() for p in (reference / "config.json", reference / "metrics.jsonl")}
+    out = cli(reference, cache_dir, ["--config.adapter.r=4", "--allow_config_change"])
+    assert out.returncode == 2, out.stderr[-4000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in out.stderr
+    assert "was written for another model or adapter" in line and "nothing was restored" in line
+    assert "adapter.r: checkpoint 8, run 4" in line
+    assert "adapter/A: checkpoint shape (8, 32), model shape (4, 32)" in line
+    assert {p: p.read_bytes() for p in before} == before  # nothing rewritten

@@ -1,0 +1,263 @@
+"""Adapter checkpoints with Orbax: the last N, the best, exact resumption, and no partial or silent restores.
+
+Layout (``workdir/``)::
+
+    checkpoints/<step>/params     adapter parameters (never the frozen base), nested by module path
+    checkpoints/<step>/opt_state  the optimizer state, nested by its pytree path
+    checkpoints/<step>/host       JSON: step, data-iterator state, skipped steps, best score so far, and the
+                                  identity of the run (adapter config, tasks, model family)
+    best/<step>/{params,host}     the best checkpoint by mean eval score (its own manager: rotation of the
+                                  regular checkpoints never deletes it)
+    checkpoints_corrupt/<step>    checkpoints that failed to restore, moved aside (kept for inspection)
+
+Restoring compares, before reading a single array, the saved identity and the saved tree (every entry's path
+and shape, from Orbax's metadata) with the model being trained; any difference is an error naming the entries
+(never a partial restore; orbax#2972 describes how a lenient restore silently leaves entries at their init).
+A checkpoint that cannot be read (truncated file, partial write) is reported, moved aside, and the previous one
+is used. Orbax writes each checkpoint into a temporary directory and renames it when complete, so a process
+killed mid-write leaves only a temporary directory, which is deleted on the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from train.errors import CheckpointMismatchError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+IDENTITY_KEYS = ("format", "family", "tasks", "adapter")
+
+
+# --------------------------------------------------------------------------------------------------- trees
+
+
+def _key_str(k) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def flat_paths(tree) -> dict[tuple[str, ...], Any]:
+    """``{path: leaf}`` with string path components; the ``value`` attribute of nnx Variables is dropped."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = tuple(_key_str(k) for k in path)
+        if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+            keys = keys[:-1]
+        out[keys] = leaf
+    return out
+
+
+def to_nested(tree) -> dict:
+    """``tree`` as nested dicts with string keys (the on-disk form; stable, readable by any tool)."""
+    out: dict = {}
+    for keys, leaf in flat_paths(tree).items():
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = leaf
+    return out
+
+
+def from_nested(like, nested: Mapping) -> Any:
+    """The inverse of :func:`to_nested`: ``nested``'s leaves put into ``like``'s structure."""
+    leaves = []
+    for keys in flat_paths(like):
+        node = nested
+        for k in keys:
+            node = node[k]
+        leaves.append(node)
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def saved_shapes(metadata) -> dict[str, tuple]:
+    """``{"a/b/c": shape}`` of every array in an Orbax item's metadata."""
+    tree = getattr(metadata, "tree", metadata)
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        out["/".join(_key_str(k) for k in path)] = tuple(getattr(leaf, "shape", ()) or ())
+    return out
+
+
+def tree_mismatches(item: str, saved_metadata, target) -> list[str]:
+    """Entries of ``target`` (a :func:`to_nested` tree) missing from, extra in, or shaped unlike the saved tree."""
+    saved = saved_shapes(saved_metadata)
+    wanted = {"/".join(k): tuple(v.shape) for k, v in flat_paths(target).items()}
+    out = [f"{item}/{k}: missing from the checkpoint" for k in sorted(set(wanted) - set(saved))]
+    out += [f"{item}/{k}: in the checkpoint but not in the model" for k in sorted(set(saved) - set(wanted))]
+    out += [
+        f"{item}/{k}: checkpoint shape {saved[k]}, model shape {wanted[k]}"
+        for k in sorted(set(saved) & set(wanted))
+        if saved[k] != wanted[k]
+    ]
+    return out
+
+
+def identity_mismatches(saved: Mapping, expected: Mapping) -> list[str]:
+    """Identity fields (adapter config, tasks, family, format) that differ between a checkpoint and the run."""
+    out = []
+    for key in IDENTITY_KEYS:
+        a, b = saved.get(key), expected.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += [
+                f"{key}.{k}: checkpoint {a.get(k)!r}, run {b.get(k)!r}"
+                for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)
+            ]
+        elif a != b:
+            out.append(f"{key}: checkpoint {a!r}, run {b!r}")
+    return out
+
+
+def _abstract(tree) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+# --------------------------------------------------------------------------------------------------- manager
+
+
+class Checkpointer:
+    """The regular and the best checkpoint managers of one workdir (module docstring)."""
+
+    def __init__(self, workdir: str | Path, keep: int):
+        self.workdir = Path(workdir)
+        self.dir = self.workdir / "checkpoints"
+        self.best_dir = self.workdir / "best"
+        self.corrupt_dir = self.workdir / "checkpoints_corrupt"
+        self.keep = keep
+        self._mgr = self._manager(self.dir, keep, ("params", "opt_state", "host"))
+        self._best = self._manager(self.best_dir, 1, ("params", "host"))
+
+    @staticmethod
+    def _manager(directory: Path, keep: int, items: tuple[str, ...]) -> ocp.CheckpointManager:
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
+        # Handlers registered up front: a fresh manager can then read the metadata of existing checkpoints.
+        handlers = {
+            item: ocp.JsonCheckpointHandler() if item == "host" else ocp.StandardCheckpointHandler() for item in items
+        }
+        return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
+
+    # -- saving --------------------------------------------------------------------------------------------
+
+    def save(self, step: int, trainable, opt_state, host: Mapping[str, Any]) -> None:
+        """Saves adapter parameters, optimizer state and ``host`` (JSON) as checkpoint ``step`` (asynchronously:
+        the arrays are copied before this returns, so they may be donated right after)."""
+        self._replace(self._mgr, step)
+        self._mgr.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(to_nested(trainable)),
+            opt_state=ocp.args.StandardSave(to_nested(opt_state)),
+            host=ocp.args.JsonSave(dict(host)),
+        ), force=True)
+
+    def save_best(self, step: int, trainable, host: Mapping[str, Any]) -> None:
+        """Replaces the best checkpoint with ``trainable`` at ``step`` (``host`` holds its scores)."""
+        self._replace(self._best, step)
+        self._best.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(to_nested(trainable)), host=ocp.args.JsonSave(dict(host)),
+        ), force=True)
+
+    @staticmethod
+    def _replace(mgr: ocp.CheckpointManager, step: int) -> None:
+        # A resumed run replays steps an interrupted one may already have saved (a best checkpoint written
+        # just before a kill); the replay is identical, so the old copy is dropped and written again.
+        if step in mgr.all_steps():
+            mgr.wait_until_finished()
+            mgr.delete(step)
+
+    def wait(self) -> None:
+        """Blocks until every pending save is on disk."""
+        self._mgr.wait_until_finished()
+        self._best.wait_until_finished()
+
+    def close(self) -> None:
+        self._mgr.close()
+        self._best.close()
+
+    # -- restoring -----------------------------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        return sorted(self._mgr.all_steps())
+
+    def _quarantine(self, step: int, error: BaseException) -> None:
+        src = self.dir / str(step)
+        logger.warning("checkpoint %s cannot be read (%s: %s); moving it to %s and using the previous one",
+                       src, type(error).__name__, str(error).splitlines()[0][:300] if str(error) else "",
+                       self.corrupt_dir)
+        if jax.process_index() == 0 and src.exists():
+            self.corrupt_dir.mkdir(parents=True, exist_ok=True)
+            dst = self.corrupt_dir / str(step)
+            n = 1
+            while dst.exists():
+                dst = self.corrupt_dir / f"{step}.{n}"
+                n += 1
+            shutil.move(str(src), str(dst))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+        self._mgr.reload()
+
+    def _check(self, mgr: ocp.CheckpointManager, step: int, host: Mapping, expected: Mapping,
+               targets: Mapping[str, Any], where: Path) -> None:
+        problems = identity_mismatches(host, expected)
+        metadata = mgr.item_metadata(step)
+        for item, target in targets.items():
+            problems += tree_mismatches(item, metadata[item], target)
+        if problems:
+            shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
+            raise CheckpointMismatchError(
+                f"checkpoint {where / str(step)} was written for another model or adapter ({shown}); nothing was "
+                "restored. Use the run's own config, or another --workdir"
+            )
+
+    def restore_latest(self, trainable, opt_state, expected: Mapping) -> tuple[Any, Any, dict] | None:
+        """The latest readable checkpoint as ``(trainable, opt_state, host)`` shaped like the given states
+        (their shardings kept), or None when there is none.
+
+        Raises:
+          CheckpointMismatchError: the checkpoint belongs to another model / adapter (entries named).
+        """
+        targets = {"params": to_nested(_abstract(trainable)), "opt_state": to_nested(_abstract(opt_state))}
+        for step in reversed(self.steps()):
+            try:
+                host = self._mgr.restore(step, args=ocp.args.Composite(host=ocp.args.JsonRestore()))["host"]
+                self._check(self._mgr, step, host, expected, targets, self.dir)
+                restored = self._mgr.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(targets["params"]),
+                    opt_state=ocp.args.StandardRestore(targets["opt_state"]),
+                ))
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # any read failure: truncated or partial files, bad JSON
+                self._quarantine(step, e)
+                continue
+            return from_nested(trainable, restored["params"]), from_nested(opt_state, restored["opt_state"]), host
+        return None
+
+    def restore_best(self, trainable, expected: Mapping) -> tuple[Any, dict] | None:
+        """``(trainable, host)`` of the best checkpoint, or None when none was saved."""
+        step = self._best.latest_step()
+        if step is None:
+            return None
+        target = to_nested(_abstract(trainable))
+        host = self._best.restore(step, args=ocp.args.Composite(host=ocp.args.JsonRestore()))["host"]
+        self._check(self._best, step, host, expected, {"params": target}, self.best_dir)
+        restored = self._best.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+        return from_nested(trainable, restored["params"]), host
+
+    def best_host(self) -> dict | None:
+        """The host record (score, step, metrics) of the best checkpoint, or None."""
+        step = self._best.latest_step()
+        if step is None:
+            return None
+        return self._best.restore(step, args=ocp.args.Composite(host=ocp.args.JsonRestore()))["host"]

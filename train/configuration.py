@@ -1,0 +1,167 @@
+"""Checking a training config, saving it into the workdir, and refusing to mix two runs in one workdir.
+
+The config is an ``ml_collections.ConfigDict`` with the schema of ``configs/common.py``. :func:`validate` checks
+the values the program itself interprets (the adapter and model options are checked where they are used, by
+``ept_jax.adapters.validate`` and the model constructors, with the same kind of one-line messages).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from train.errors import ConfigMismatchError, UserError
+
+CONFIG_FILE = "config.json"
+FAMILIES = ("t5", "llama")
+SOURCES = ("glue", "commonsense", "synthetic")
+NAN_POLICIES = ("skip", "stop")
+SAMPLING = ("release", "uniform", "mixed")
+AVERAGES = ("paper", "release")
+# Keys a restarted run may change without --allow_config_change: they do not change what is being trained
+# (train.steps changes the schedule's end, which is the point of extending a run).
+MUTABLE_PREFIXES = (
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.nan_policy",
+    "eval.",
+    "mesh.",
+)
+
+
+def to_dict(config) -> dict[str, Any]:
+    """A plain JSON-serialisable dict of ``config`` (tuples become lists)."""
+    raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return json.loads(json.dumps(raw, default=lambda o: list(o) if isinstance(o, (tuple, set)) else str(o)))
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay leaves."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _positive_int(value, name: str, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise UserError(f"{name}={value!r}: must be an integer {'>= 0' if allow_zero else '> 0'}")
+
+
+def _choice(value, name: str, accepted) -> None:
+    if value not in accepted:
+        raise UserError(f"{name}={value!r} is not accepted; accepted: {', '.join(map(str, accepted))}")
+
+
+def validate(config) -> None:
+    """Raises :class:`UserError` naming the first bad value (and what is accepted) among the program's options."""
+    from ept_jax.data import get_task
+
+    _choice(config.model.family, "model.family", FAMILIES)
+    if not config.model.random_init and not config.model.name_or_path:
+        raise UserError("model.name_or_path is empty; give a Hugging Face model directory or hub id")
+    if config.model.random_init and not config.model.arch:
+        raise UserError("model.random_init=True needs model.arch (the config.json fields of the model to build)")
+
+    _choice(config.data.source, "data.source", SOURCES)
+    _choice(config.data.sampling, "data.sampling", SAMPLING)
+    tasks = list(config.data.tasks)
+    if not tasks:
+        raise UserError("data.tasks is empty; name at least one task")
+    duplicates = sorted({t for t in tasks if tasks.count(t) > 1})
+    if duplicates:
+        raise UserError(f"data.tasks names {duplicates} more than once; each task needs one task id")
+    for name in tasks:
+        spec = get_task(name)  # an unknown name raises listing the accepted ones
+        if spec.family != config.data.source:
+            raise UserError(
+                f"data.tasks: task {name!r} belongs to the {spec.family!r} family but data.source="
+                f"{config.data.source!r}; set data.source={spec.family!r} or choose {config.data.source} tasks"
+            )
+    _positive_int(config.data.max_source_length, "data.max_source_length")
+    _positive_int(config.data.max_target_length, "data.max_target_length")
+    if config.data.max_train_examples is not None:
+        _positive_int(config.data.max_train_examples, "data.max_train_examples")
+
+    t = config.train
+    for name in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        _positive_int(t[name], f"train.{name}")
+    _positive_int(t.warmup_steps, "train.warmup_steps", allow_zero=True)
+    _positive_int(t.seed, "train.seed", allow_zero=True)
+    if not (isinstance(t.learning_rate, (int, float)) and t.learning_rate > 0):
+        raise UserError(f"train.learning_rate={t.learning_rate!r}: must be a number > 0")
+    if not (isinstance(t.weight_decay, (int, float)) and t.weight_decay >= 0):
+        raise UserError(f"train.weight_decay={t.weight_decay!r}: must be a number >= 0")
+    if not (isinstance(t.grad_clip, (int, float)) and t.grad_clip >= 0):
+        raise UserError(f"train.grad_clip={t.grad_clip!r}: must be a number >= 0 (0 disables clipping)")
+    _choice(t.nan_policy, "train.nan_policy", NAN_POLICIES)
+    lam = config.adapter.contrastive_lambda
+    if not (isinstance(lam, (int, float)) and lam >= 0):
+        raise UserError(f"adapter.contrastive_lambda={lam!r}: must be a number >= 0")
+
+    e = config.eval
+    _positive_int(e.batch_size, "eval.batch_size")
+    _positive_int(e.max_new_tokens, "eval.max_new_tokens")
+    if e.max_examples is not None:
+        _positive_int(e.max_examples, "eval.max_examples")
+    _choice(e.average, "eval.average", AVERAGES)
+
+
+def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two :func:`to_dict` configs, except :data:`MUTABLE_PREFIXES`."""
+    a, b = flatten(saved), flatten(current)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == p or key.startswith(p) for p in MUTABLE_PREFIXES):
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            out.append(f"{key}: saved {a.get(key, '<absent>')!r}, now {b.get(key, '<absent>')!r}")
+    return out
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Writes ``data`` as JSON to ``path`` through a temporary file and a rename (never half-written)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def reconcile(workdir: Path, config, *, allow_change: bool, write: bool) -> list[str]:
+    """Compares ``config`` with the one saved in ``workdir`` and saves it (when ``write``).
+
+    Returns the differences that were accepted (mutable keys are not listed; with ``allow_change`` every
+    difference is accepted and listed).
+
+    Raises:
+      ConfigMismatchError: the saved config differs in a key that changes what is trained, without
+        ``allow_change``.
+    """
+    current = to_dict(config)
+    path = workdir / CONFIG_FILE
+    diffs: list[str] = []
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON ({e}); remove it or use another --workdir") from e
+        diffs = differences(saved, current)
+        if diffs and not allow_change:
+            shown = "; ".join(diffs[:5]) + (f"; ... ({len(diffs)} in all)" if len(diffs) > 5 else "")
+            raise ConfigMismatchError(
+                f"--workdir {str(workdir)!r} holds a run with another config ({shown}); use the same config, "
+                "another --workdir, or --allow_config_change to continue this run with the new values"
+            )
+    if write:
+        write_json_atomic(path, current)
+    return diffs

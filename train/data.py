@@ -1,0 +1,96 @@
+"""From ``config.data`` to encoded tasks: resumable training batches and the evaluation sets.
+
+Task ``i`` of ``data.tasks`` has task id ``i`` (its row of every task embedding). Each task's examples are split
+by the evaluation protocol into ``train``, ``dev`` (model selection during training) and ``test`` (the final
+report) sets, tokenized once to the static lengths of the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from ept_jax.data import EncodedTask, TaskData, TrainBatches, encode_decoder_only, encode_seq2seq, load_task
+from train.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EvalSet:
+    """One evaluation set: ``name`` (e.g. ``"mnli_mm"``), the ``task`` it scores, its ``task_id`` and examples."""
+
+    name: str
+    task: str
+    task_id: int
+    encoded: EncodedTask
+
+
+@dataclasses.dataclass
+class Data:
+    """The encoded data of a run: training batches and the dev / test evaluation sets."""
+
+    batches: TrainBatches
+    dev: list[EvalSet]
+    test: list[EvalSet]
+    train_sizes: dict[str, int]
+
+
+def load_tasks(config) -> list[TaskData]:
+    """Every task of ``data.tasks`` under the configured protocol and source."""
+    out = []
+    source = str(config.data.source)
+    for name in config.data.tasks:
+        if source == "synthetic":
+            td = load_task(name, seed=int(config.train.seed), max_train_examples=config.data.max_train_examples)
+        else:
+            td = load_task(name, protocol=str(config.data.eval_protocol), source=config.data.path,
+                           seed=config.data.split_seed, max_train_examples=config.data.max_train_examples)
+        if not td.train:
+            raise UserError(f"task {name!r} has no training examples under protocol {config.data.eval_protocol!r}")
+        out.append(td)
+    return out
+
+
+def _encoder(config, tokenizer):
+    if str(config.model.family) == "t5":
+        return lambda examples: encode_seq2seq(
+            examples, tokenizer, max_source_length=int(config.data.max_source_length),
+            max_target_length=int(config.data.max_target_length),
+        )
+    length = int(config.data.max_source_length) + int(config.data.max_target_length)
+    return lambda examples: encode_decoder_only(
+        examples, tokenizer, max_length=length, max_prompt_length=int(config.data.max_source_length)
+    )
+
+
+def build_data(config, tokenizer, decoder_start_token_id: int) -> Data:
+    """Loads, encodes and batches the tasks of ``config`` (see the module docstring)."""
+    tasks = load_tasks(config)
+    encode = _encoder(config, tokenizer)
+    encoded_train = [encode(td.train) for td in tasks]
+    limit = config.eval.max_examples
+
+    def sets(kind: str) -> list[EvalSet]:
+        out = []
+        for task_id, td in enumerate(tasks):
+            for name, examples in getattr(td, kind).items():
+                if limit is not None:
+                    examples = examples[: int(limit)]
+                if not examples:
+                    raise UserError(f"task {td.task!r}: evaluation set {name!r} ({kind}) is empty")
+                out.append(EvalSet(name, td.task, task_id, encode(examples)))
+        return out
+
+    family = str(config.model.family)
+    lengths = (
+        dict(max_source_length=int(config.data.max_source_length), max_target_length=int(config.data.max_target_length),
+             decoder_start_token_id=int(decoder_start_token_id))
+        if family == "t5"
+        else dict(max_length=int(config.data.max_source_length) + int(config.data.max_target_length))
+    )
+    batches = TrainBatches(encoded_train, int(config.train.batch_size), strategy=str(config.data.sampling),
+                           seed=int(config.train.seed), **lengths)
+    sizes = {td.task: len(td.train) for td in tasks}
+    logger.info("training examples per task: %s", sizes)
+    return Data(batches=batches, dev=sets("dev"), test=sets("test"), train_sizes=sizes)

@@ -1,0 +1,251 @@
+"""The training run: build, restore, train with periodic evaluation and checkpoints, evaluate the best.
+
+:func:`run` is what ``python -m train.main`` calls. Restarting it with the same config and workdir continues
+from the latest checkpoint and ends identical to an uninterrupted run: the parameters, the optimizer state, the
+step (hence the learning rate and the dropout keys, ``fold_in(seed, step)``) and the data-iterator position all
+come back, and ``metrics.jsonl`` is cut back to the restored step. Metric intervals are cut at every checkpoint
+step, so the records written after a resume are the ones the uninterrupted run writes.
+
+``EPT_STOP_AFTER_STEP=N`` (environment) ends the run cleanly after the first checkpoint at a step >= N: the
+interruption the resume tests (and a scheduler's preemption) need, with the schedule of the full run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from ept_jax import sharding as sharding_lib
+from train import configuration, evaluation, steps
+from train import state as state_lib
+from train.checkpointing import FORMAT_VERSION, Checkpointer
+from train.data import build_data
+from train.errors import NonFiniteLossError, UserError
+from train.logger import MetricsLogger
+
+logger = logging.getLogger(__name__)
+
+STOP_ENV = "EPT_STOP_AFTER_STEP"
+RESULTS_FILE = "results.json"
+_AVERAGED = ("loss", "ce", "contrastive", "grad_norm")
+
+
+def run_identity(config) -> dict[str, Any]:
+    """What a checkpoint must match to be restored into this run (compared field by field on restore)."""
+    from train.builder import adapter_config
+
+    identity = {
+        "format": FORMAT_VERSION,
+        "family": str(config.model.family),
+        "tasks": list(config.data.tasks),
+        "adapter": dataclasses.asdict(adapter_config(config)),
+    }
+    return json.loads(json.dumps(identity))
+
+
+def _stop_after() -> int | None:
+    value = os.environ.get(STOP_ENV)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError as e:
+        raise UserError(f"{STOP_ENV}={value!r} is not an integer step") from e
+
+
+def _check_batch(config, mesh) -> None:
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if int(config.train.batch_size) % ways:
+        raise UserError(
+            f"train.batch_size={config.train.batch_size} is not divisible by the data-parallel mesh size "
+            f"mesh.data x mesh.fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} = {ways}"
+        )
+
+
+def _summarise(pending: list[dict[str, np.ndarray]]) -> tuple[dict[str, Any], list[int]]:
+    """Interval means of the training metrics over the finite steps, the lr of the last step, and the indices
+    (into ``pending``) of the non-finite steps."""
+    bad = [i for i, m in enumerate(pending) if not int(m["finite"])]
+    good = [m for i, m in enumerate(pending) if i not in set(bad)]
+    record: dict[str, Any] = {}
+    for key in _AVERAGED:
+        record[key] = float(np.mean([float(m[key]) for m in good])) if good else float("nan")
+    record["lr"] = float(pending[-1]["lr"])
+    return record, bad
+
+
+class _Run:
+    """The state of one :func:`run` call (kept in one object so the loop body stays readable)."""
+
+    def __init__(self, config, workdir: Path, *, allow_config_change: bool, devices):
+        self.config = config
+        self.workdir = workdir
+        dist = sharding_lib.maybe_initialize_distributed()
+        self.is_main = dist.process_index == 0
+        configuration.validate(config)
+        if self.is_main:
+            workdir.mkdir(parents=True, exist_ok=True)
+        # Checked now, written only once everything is built: a refused command leaves the workdir untouched.
+        changes = configuration.reconcile(workdir, config, allow_change=allow_config_change, write=False)
+        for change in changes:
+            logger.warning("config change accepted (--allow_config_change): %s", change)
+        mesh_cfg = config.mesh.to_dict() if hasattr(config.mesh, "to_dict") else dict(config.mesh)
+        self.mesh = sharding_lib.make_mesh(mesh_cfg, devices)
+        _check_batch(config, self.mesh)
+        self.family = str(config.model.family)
+
+        t0 = time.time()
+        model = state_lib.build_model(config)
+        self.tokenizer = state_lib.load_tokenizer(config)
+        state_lib.check_tokenizer(self.tokenizer, model)
+        self.data = build_data(config, self.tokenizer, getattr(model.cfg, "decoder_start_token_id", 0))
+        self.tx, self.schedule = state_lib.make_optimizer(config)
+        self.state = state_lib.create_train_state(model, self.tx, self.mesh)
+        del model
+        n_train = sum(x.size for x in jax.tree.leaves(self.state.trainable))
+        n_base = sum(x.size for x in jax.tree.leaves(self.state.frozen))
+        logger.info("model built in %.1fs: %d trainable adapter parameters, %d frozen; mesh %s", time.time() - t0,
+                    n_train, n_base, dict(self.mesh.shape))
+
+        self.identity = run_identity(config)
+        self.ckpt = Checkpointer(workdir, int(config.train.keep_checkpoints))
+        self.host: dict[str, Any] = {"step": 0, "skipped_steps": 0, "best_score": None, "best_step": None}
+        restored = self.ckpt.restore_latest(self.state.trainable, self.state.opt_state, self.identity)
+        if restored is not None:
+            self.state.trainable, self.state.opt_state, host = restored
+            self.data.batches.load_state_dict(host["data_state"])
+            self.host.update({k: host[k] for k in ("step", "skipped_steps", "best_score", "best_step")})
+            logger.info("resumed from %s at step %d", self.ckpt.dir / str(host["step"]), host["step"])
+        if self.is_main:
+            configuration.reconcile(workdir, config, allow_change=True, write=True)
+        self.step = int(self.host["step"])
+        self.log = MetricsLogger(workdir, start_step=self.step, total_steps=int(config.train.steps),
+                                 is_main=self.is_main)
+        self.train_step = steps.make_train_step(
+            self.state, self.tx, self.schedule, self.mesh, family=self.family,
+            contrastive_lambda=float(config.adapter.contrastive_lambda), seed=int(config.train.seed),
+        )
+        self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
+
+    # -- pieces of the loop --------------------------------------------------------------------------------
+
+    def _host_state(self) -> dict[str, Any]:
+        return {**self.identity, **{k: self.host[k] for k in ("skipped_steps", "best_score", "best_step")},
+                "step": self.step, "data_state": self.data.batches.state_dict()}
+
+    def _flush(self, pending: list, first_step: int, tokens: int, seconds: float) -> dict[str, Any]:
+        fetched = jax.device_get(pending)
+        record, bad = _summarise(fetched)
+        if bad:
+            bad_steps = [first_step + i + 1 for i in bad]
+            if self.config.train.nan_policy == "stop":
+                self.ckpt.wait()
+                last = self.ckpt.steps()
+                raise NonFiniteLossError(
+                    f"the loss or gradients became NaN/Inf at step {bad_steps[0]} (train.nan_policy='stop'); the "
+                    f"parameters never took that update and the last checkpoint "
+                    f"({self.ckpt.dir / str(last[-1]) if last else 'none yet'}) is intact. Set "
+                    "train.nan_policy='skip' to skip such steps, or lower train.learning_rate"
+                )
+            self.host["skipped_steps"] += len(bad)
+            logger.warning("non-finite loss or gradients at step(s) %s: skipped (parameters unchanged)", bad_steps)
+        record["skipped_steps"] = int(self.host["skipped_steps"])
+        record["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
+        record["elapsed_s"] = time.time() - self.t_start
+        return record
+
+    def _evaluate(self, record: dict[str, Any]) -> None:
+        cfg = self.config
+        results = evaluation.evaluate(self.state, self.data.dev, self.tokenizer, self.mesh, cfg)
+        score = evaluation.mean_score(results, self.data.dev, str(cfg.eval.average))
+        record["eval"] = results
+        record["eval_mean"] = score
+        best = self.host["best_score"]
+        if best is None or (math.isfinite(score) and score > best):
+            self.host["best_score"], self.host["best_step"] = score, self.step
+            self.ckpt.save_best(self.step, self.state.trainable,
+                                {**self.identity, "step": self.step, "score": score, "eval": results})
+            record["best"] = True
+
+    def _final_test(self) -> dict[str, Any]:
+        """The best checkpoint's scores on the test sets (written to ``results.json``)."""
+        self.ckpt.wait()
+        best = self.ckpt.restore_best(self.state.trainable, self.identity)
+        out: dict[str, Any] = {"best_step": self.host["best_step"], "best_dev_mean": self.host["best_score"],
+                               "steps": int(self.config.train.steps), "skipped_steps": self.host["skipped_steps"]}
+        if best is not None and self.config.eval.final_test and self.data.test:
+            trainable, _ = best
+            best_state = dataclasses.replace(self.state, trainable=trainable)
+            results = evaluation.evaluate(best_state, self.data.test, self.tokenizer, self.mesh, self.config)
+            out["test"] = results
+            out["test_mean"] = evaluation.mean_score(results, self.data.test, str(self.config.eval.average))
+            logger.info("test sets at the best step %s: mean %.2f", out["best_step"], out["test_mean"])
+        if self.is_main:
+            configuration.write_json_atomic(self.workdir / RESULTS_FILE, out)
+        return out
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.config.train
+        total, stop_after = int(cfg.steps), _stop_after()
+        pending: list = []
+        interval_start, tokens, t_interval = self.step, 0, time.time()
+        self.t_start = time.time()
+        while self.step < total:
+            np_batch = next(self.data.batches)
+            batch = {k: state_lib.put_global(v, self.batch_sharding) for k, v in np_batch.items()}
+            tokens += int(np_batch["attention_mask"].sum()) + int(np_batch["label_mask"].sum())
+            self.state.trainable, self.state.opt_state, metrics = self.train_step(
+                self.state.trainable, self.state.opt_state, self.state.frozen, batch, np.int32(self.step)
+            )
+            pending.append(metrics)
+            self.step += 1
+            s = self.step
+            is_eval = s % int(cfg.eval_every) == 0 or s == total
+            is_ckpt = s % int(cfg.checkpoint_every) == 0 or s == total
+            if not (s % int(cfg.log_every) == 0 or is_eval or is_ckpt):
+                continue
+            record = {"step": s, **self._flush(pending, interval_start, tokens, time.time() - t_interval)}
+            if is_eval:
+                self._evaluate(record)
+            self.log.write(record)
+            if is_ckpt:
+                self.ckpt.save(s, self.state.trainable, self.state.opt_state, self._host_state())
+            pending, interval_start, tokens, t_interval = [], s, 0, time.time()
+            if stop_after is not None and is_ckpt and s >= stop_after and s < total:
+                logger.info("%s=%d: stopping after the checkpoint at step %d", STOP_ENV, stop_after, s)
+                return {"step": s, "stopped": True}
+        return {"step": self.step, "stopped": False, **self._final_test()}
+
+    def close(self) -> None:
+        self.ckpt.wait()
+        self.ckpt.close()
+        self.log.close()
+
+
+def run(config, workdir: str | os.PathLike, *, allow_config_change: bool = False, devices=None) -> dict[str, Any]:
+    """Trains (or resumes) the run of ``config`` in ``workdir``; returns a summary (final step, best, test scores).
+
+    Args:
+      config: a ConfigDict with the schema of ``configs/common.py``.
+      workdir: the run's directory (created; a restart with the same one resumes).
+      allow_config_change: accept a config that contradicts the one saved in ``workdir``.
+      devices: the devices of the mesh (default: all).
+    Raises:
+      UserError / ValueError / ...: bad config or input, named in the message (see ``train/errors.py``).
+    """
+    r = _Run(config, Path(workdir), allow_config_change=allow_config_change, devices=devices)
+    try:
+        return r.train()
+    finally:
+        r.close()

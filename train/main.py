@@ -1,0 +1,121 @@
+"""``python -m train.main --config configs/NAME.py --workdir DIR [--config.a.b=value ...]``: train or resume a run.
+
+Flags:
+  --config                an ml_collections config file (``get_config()``; ``file.py:arg`` passes ``arg``); every
+                          ``--config.a.b=value`` override must name an existing key (the config is locked).
+  --workdir               the run's directory; the same command again resumes the run from its last checkpoint.
+  --allow_config_change   continue a run whose saved config differs from the command's.
+  --verbose               full tracebacks on errors.
+
+A problem with the command, the config or the input files is printed as one line on stderr (no traceback
+unless ``--verbose``) and the program exits with status 2.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from train.errors import USER_ERRORS, one_line
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory of the run (created; reused to resume)")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "print full tracebacks on errors")
+_ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False,
+                                  "continue a run in --workdir although its saved config differs")
+flags.mark_flag_as_required("config")
+flags.mark_flag_as_required("workdir")
+
+EXIT_USER_ERROR = 2
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message} (run with --verbose for the traceback)", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith(f"--{name}="):
+            return a.split("=", 1)[1]
+        if a == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _load_config(spec: str):
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_ept_config", path)
+    if module_spec is None or module_spec.loader is None:
+        raise OSError(f"--config={spec!r}: cannot load {path!r} as a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _explain_flag_error(argv: list[str], error: BaseException) -> str:
+    """One line naming the bad flag: an unknown ``--config.`` key (with the keys accepted there) or the parse error."""
+    spec = _flag_value(argv, "config")
+    if spec:
+        try:
+            config = _load_config(spec)
+        except Exception as e:  # the config file itself is broken: that is the message
+            return f"--config={spec!r} cannot be loaded: {one_line(e)}"
+        for a in argv:
+            if not a.startswith("--config."):
+                continue
+            key = a[len("--config."):].split("=", 1)[0]
+            node, walked = config, []
+            for part in key.split("."):
+                children = list(node.keys()) if hasattr(node, "keys") else []
+                if part not in children:
+                    where = f"under {'.'.join(walked)!r}" if walked else "at the top level"
+                    return (f"unknown config key {key!r} in {a!r}; keys accepted {where}: "
+                            f"{', '.join(sorted(map(str, children))) or '(none: it is a value)'}")
+                node, walked = node[part], walked + [part]
+    return one_line(error)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with one-line errors (see the module docstring)."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, *USER_ERRORS, AttributeError) as e:
+        if "--verbose" in argv or "--verbose=true" in argv:
+            raise
+        _fail(_explain_flag_error(argv, e))
+    raise AssertionError("unreachable")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _fail(f"unexpected positional arguments {argv[1:]}; all options are --flags")
+    logging.getLogger().setLevel(logging.INFO)
+    for noisy in ("absl", "orbax", "jax._src", "etils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from train import loop  # after flag parsing: importing JAX is slow, errors above should be fast
+
+    try:
+        summary = loop.run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
+    except USER_ERRORS as e:
+        if _VERBOSE.value:
+            raise
+        _fail(one_line(e))
+        return
+    if summary.get("stopped"):
+        print(f"stopped after the checkpoint at step {summary['step']}; run the same command to continue")
+        return
+    line = f"done: step {summary['step']}"
+    if summary.get("best_dev_mean") is not None:
+        line += f", best dev mean {summary['best_dev_mean']:.2f} at step {summary['best_step']}"
+    if summary.get("test_mean") is not None:
+        line += f", test mean {summary['test_mean']:.2f}"
+    print(line + f"; see {_WORKDIR.value}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,208 @@
+"""The model, its tokenizer, the optimizer and the sharded training state.
+
+The model is split once: ``graphdef, trainable, frozen = nnx.split(model, TRAINABLE, ...)``. Only ``trainable``
+(the :class:`~ept_jax.nn.AdapterParam` s) is differentiated, gets optimizer state and goes into checkpoints;
+``frozen`` (the base weights) is an input of every step and is never written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from ept_jax import sharding as sharding_lib
+from ept_jax.nn import TRAINABLE
+from train.errors import UserError
+
+
+def is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+# --------------------------------------------------------------------------------------------------- model
+
+
+def build_model(config) -> nnx.Module:
+    """The model of ``config`` with adapters injected: random base weights (``model.random_init``) or loaded.
+
+    Adapters are initialised from ``train.seed``. Raises ValueError / CheckpointError naming what is wrong (a
+    kernel size the variant cannot use, an unknown target, a model directory without weights, ...).
+    """
+    from train.builder import injection
+
+    family = str(config.model.family)
+    inj = injection(config)
+    rngs = nnx.Rngs(int(config.train.seed))
+    dtype, param_dtype = str(config.model.dtype), str(config.model.param_dtype)
+    if config.model.random_init:
+        arch = config.model.arch.to_dict() if hasattr(config.model.arch, "to_dict") else dict(config.model.arch)
+        if family == "t5":
+            from ept_jax.models.t5 import T5Config, T5Model
+
+            return T5Model(T5Config.from_hf(arch), injection=inj, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        from ept_jax.models.llama import LlamaModel
+        from ept_jax.models.llama_config import LlamaConfig
+
+        return LlamaModel(LlamaConfig.from_hf(arch), injection=inj, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    from ept_jax.models import family_module
+
+    return family_module(family).from_pretrained(
+        str(config.model.name_or_path), injection=inj, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
+
+
+def vocab_size(model) -> int:
+    return int(model.cfg.vocab_size)
+
+
+def load_tokenizer(config):
+    """The tokenizer: ``data.tokenizer`` (``"byt5"`` or a directory) or, when None, the model directory's."""
+    name = config.data.tokenizer
+    if name == "byt5":
+        from transformers import ByT5Tokenizer
+
+        return ByT5Tokenizer()
+    from transformers import AutoTokenizer
+
+    if name is None:
+        if config.model.random_init:
+            raise UserError(
+                "data.tokenizer is None (the model's) but model.random_init=True has no model directory; set "
+                "data.tokenizer to 'byt5' or a tokenizer directory"
+            )
+        from ept_jax.checkpoints.hf import resolve_model_dir
+
+        name = str(resolve_model_dir(str(config.model.name_or_path)))
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}") from e
+
+
+def check_tokenizer(tokenizer, model) -> None:
+    """Raises :class:`UserError` when the tokenizer's ids do not fit the model's vocabulary or special ids."""
+    n_model = vocab_size(model)
+    n_tok = len(tokenizer)
+    if n_tok > n_model:
+        raise UserError(
+            f"tokenizer {type(tokenizer).__name__} has {n_tok} tokens but the model's vocabulary holds "
+            f"{n_model}; use the model's own tokenizer (data.tokenizer=None) or a matching one"
+        )
+    cfg = model.cfg
+    for name in ("pad_token_id", "eos_token_id"):
+        tok_id, model_id = getattr(tokenizer, name, None), getattr(cfg, name, None)
+        if isinstance(model_id, tuple):
+            ok = tok_id in model_id
+        else:
+            ok = model_id is None or tok_id == model_id
+        if tok_id is not None and not ok:
+            raise UserError(
+                f"tokenizer {name}={tok_id} but the model's config has {name}={model_id}: the tokenizer does not "
+                "belong to this model"
+            )
+
+
+# --------------------------------------------------------------------------------------------------- optimizer
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+    """Linear warm-up from 0 to ``train.learning_rate`` over ``warmup_steps``, then linear decay to 0 at
+    ``train.steps`` (transformers' ``get_linear_schedule_with_warmup``)."""
+    lr, warmup, steps = float(config.train.learning_rate), int(config.train.warmup_steps), int(config.train.steps)
+    if warmup >= steps:
+        raise UserError(f"train.warmup_steps={warmup} must be smaller than train.steps={steps}")
+    decay = optax.linear_schedule(lr, 0.0, steps - warmup)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def decay_mask(params):
+    """Weight decay on matrices only: biases and other vectors are exempt (transformers' Trainer rule)."""
+    return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """One optax chain: global-norm clipping, then AdamW with :func:`learning_rate_schedule`."""
+    schedule = learning_rate_schedule(config)
+    parts = []
+    if float(config.train.grad_clip) > 0:
+        parts.append(optax.clip_by_global_norm(float(config.train.grad_clip)))
+    parts.append(
+        optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=float(config.train.weight_decay),
+                    mask=decay_mask)
+    )
+    return optax.chain(*parts), schedule
+
+
+# --------------------------------------------------------------------------------------------------- state
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything a step needs, placed on the mesh.
+
+    Attributes:
+      graphdef: the model's static structure.
+      trainable: ``nnx.State`` of the adapter parameters.
+      frozen: ``nnx.State`` of everything else (base weights).
+      opt_state: the optax state of ``trainable``.
+      shardings: ``(trainable, opt_state, frozen)`` sharding trees (prefixes of the states).
+    """
+
+    graphdef: Any
+    trainable: nnx.State
+    frozen: nnx.State
+    opt_state: Any
+    shardings: tuple[Any, Any, Any]
+
+    def model(self) -> nnx.Module:
+        """The model with the current parameters (arrays are shared, not copied)."""
+        return nnx.merge(self.graphdef, self.trainable, self.frozen)
+
+
+def _sharding_tree(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """Per-Variable NamedShardings kept inside their Variables, so the tree has ``state``'s exact structure."""
+    flat = sharding_lib.state_shardings(state, mesh)
+    return jax.tree.map(lambda v, s: v.replace(s), state, flat, is_leaf=is_variable)
+
+
+def opt_state_shardings(tx, trainable_sh: nnx.State, abstract_opt, mesh: Mesh):
+    """Shardings of the optimizer state: moments like their parameters, counters replicated."""
+    return optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract_opt,
+        trainable_sh,
+        transform_non_params=lambda _: sharding_lib.replicated(mesh),
+        is_leaf=is_variable,
+    )
+
+
+def create_train_state(model: nnx.Module, tx, mesh: Mesh) -> TrainState:
+    """Splits ``model``, places its states on ``mesh`` by their logical axes and initialises the optimizer."""
+    graphdef, trainable, frozen = nnx.split(model, TRAINABLE, ...)
+    if not jax.tree.leaves(trainable):
+        raise UserError("the model has no trainable parameters: adapter.kind='none' or no adapter target matched")
+    tr_sh, fr_sh = _sharding_tree(trainable, mesh), _sharding_tree(frozen, mesh)
+    trainable = jax.device_put(trainable, tr_sh)
+    frozen = jax.device_put(frozen, fr_sh)
+    abstract_opt = jax.eval_shape(tx.init, trainable)
+    opt_sh = opt_state_shardings(tx, tr_sh, abstract_opt, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+    return TrainState(graphdef, trainable, frozen, opt_state, (tr_sh, opt_sh, fr_sh))
+
+
+def abstract_like(tree, shardings) -> Any:
+    """``jax.ShapeDtypeStruct`` s shaped like ``tree`` with the shardings of ``shardings`` (same structure)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def put_global(array, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host numpy array that every process holds in full (each takes its own shards)."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
