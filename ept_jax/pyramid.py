@@ -416,38 +416,48 @@ def mixture_delta(p: Pyramid, A, B, kernels: Sequence[Array], w: Array) -> Array
 # ----------------------------------------------------------------------------------------------------------
 
 
-def project_meta_seed(x: Array, A: Array, widths: Sequence[int]) -> list[Array]:
-    """``[x[..., :m] @ A[:, :m].T for m in widths]`` sharing work across nested ALP slices.
-
-    The slices are prefixes of one another, so each projection is the previous one plus the next block of
-    columns: total cost ``r * max(widths)`` per token instead of ``r * sum(widths)``.
-
-    Args:
-      x: ``(..., d_in)``; A: ``(r, seed_in)``; widths: slice widths (any order, each ``<= seed_in``).
-    Returns:
-      one ``(..., r)`` array per entry of ``widths``.
-    """
-    done: dict[int, Array] = {}
-    u, prev = None, 0
-    for m in sorted(set(widths)):
-        part = x[..., prev:m] @ A[:, prev:m].T
-        u = part if u is None else u + part
-        done[m], prev = u, m
-    return [done[m] for m in widths]
-
-
 def _per_example(a: Array, x_ndim: int) -> Array:
     """``(B, *rest)`` -> ``(B, 1, ..., 1, *rest)`` so per-example tensors broadcast over ``x``'s middle axes."""
     return a.reshape(a.shape[:1] + (1,) * (x_ndim - 2) + a.shape[1:])
 
 
+def reference_fused_factors(p: Pyramid, A, B, kernels: Sequence[Array], weights: Array) -> tuple[Array, Array]:
+    """The reference fast path's two factors: ``y = (x[..., :M] @ A_cat.T) @ W[b]`` for example ``b``.
+
+    Every group ``g`` (kernel size ``k``, slice ``A_g (r, m)``, ``B_g (h, r)``, effective kernel
+    ``Keff_g = sum_e w[b, e] K_e (h, k)``) contributes ``y_g[c*k + j] = Keff_g[c, j] * (u_g @ B_g.T)[c]`` with
+    ``u_g = x[..., :m] @ A_g.T``. Stacking the groups' slices (zero-padded to ``M = max m``) gives one projection
+    ``u = x[..., :M] @ A_cat.T`` of width ``n_groups * r``; the expansion and the kernel are folded into a small
+    per-example matrix ``W[b, g*r + q, c*k + j] = Keff_g[b, c, j] * B_g[c, q]`` (zero rows/columns pad to ``d_out``).
+    The whole adapter is then two matmuls on activations whatever the number of experts, which keeps the
+    compiled program (and its compile time) close to LoRA's.
+
+    Args:
+      weights: ``(Bt, n_experts)`` per-example mixing weights (scales folded in).
+    Returns:
+      ``A_cat (n_groups * r, M)`` and ``W (Bt, n_groups * r, d_out)``.
+    """
+    groups = p.groups
+    seeds = [_group_seed(p, A, B, members) for _, members in groups]
+    width = max(a_g.shape[1] for a_g, _ in seeds)
+    a_cat = jnp.concatenate([_pad_to(a_g, (a_g.shape[0], width)) for a_g, _ in seeds], axis=0)
+    blocks = []
+    for (k, members), (_, b_g) in zip(groups, seeds, strict=True):
+        h, r = b_g.shape
+        keff = _effective_kernel(kernels, members, weights)  # (Bt, h, k)
+        w_g = (keff[..., :, :, None] * b_g[:, None, :]).reshape(weights.shape[0], h * k, r)
+        blocks.append(jnp.swapaxes(_pad_to(w_g, (p.d_out, r)), -1, -2))  # (Bt, r, d_out)
+    return a_cat, jnp.concatenate(blocks, axis=-2)
+
+
 def forward_fast(p: Pyramid, x: Array, A, B, kernels: Sequence[Array], weights: Array) -> Array:
     """The adapter output without ever materialising ``dW``.
 
-    Reference: per group ``z = x[..., :m] @ A_g.T @ B_g.T`` (the ``A`` projections of nested ALP slices share
-    work, :func:`project_meta_seed`), then the depthwise expansion by the per-example effective kernel. Cost
-    per token ``r * (d_in / 2 + sum_k d_out / k) + d_out * n_groups`` multiply-adds, about LoRA's
-    ``r * (d_in + d_out)``.
+    Reference: :func:`reference_fused_factors` — one projection ``u = x[..., :M] @ A_cat.T`` of width
+    ``n_groups * r`` (the nested ALP slices of all groups at once) and one per-example product ``u @ W[b]`` with
+    the expansion and the effective kernels folded into ``W``. Cost per token
+    ``n_groups * r * (d_in / k_min + d_out)`` multiply-adds (``W`` is built once per example, not per token),
+    a few times LoRA's ``r * (d_in + d_out)`` and a few percent of the frozen Linear's ``d_in * d_out``.
 
     Paper (``Z (x) K`` is linear in ``K``): with ``X = x`` viewed as ``(..., m, k)``,
     ``y = B_g @ ((A_g @ X) @ Keff^T)`` viewed as ``d_out``; per group ``r * (d_in + d_out) + r * k^2``.
@@ -458,25 +468,19 @@ def forward_fast(p: Pyramid, x: Array, A, B, kernels: Sequence[Array], weights: 
     Returns:
       ``(B, ..., d_out)``.
     """
+    if p.expansion == "reference":
+        a_cat, w = reference_fused_factors(p, A, B, kernels, weights)
+        u = x[..., : a_cat.shape[1]] @ a_cat.T  # (Bt, ..., n_groups * r)
+        return jnp.einsum("b...q,bqo->b...o", u, w.astype(x.dtype))
     y = jnp.zeros(x.shape[:-1] + (p.d_out,), x.dtype)
-    groups = p.groups
-    if p.expansion == "reference" and p.alp:
-        us = project_meta_seed(x, A, [p.d_in // k for k, _ in groups])
-    else:
-        us = [None] * len(groups)
-    for (k, members), u in zip(groups, us, strict=True):
+    for k, members in p.groups:
         a_g, b_g = _group_seed(p, A, B, members)
         keff = _per_example(_effective_kernel(kernels, members, weights), x.ndim)
-        if p.expansion == "reference":
-            if u is None:
-                u = x[..., : a_g.shape[1]] @ a_g.T
-            y = y + reference_expand(u @ b_g.T, keff, p.d_out)
-        else:
-            m, h = a_g.shape[1], b_g.shape[0]
-            xs = x.reshape(x.shape[:-1] + (m, k))
-            q = jnp.einsum("ri,...il->...rl", a_g, xs)  # (..., r, k)
-            q = q @ jnp.swapaxes(keff, -1, -2)  # (..., r, k)
-            y = y + jnp.einsum("hr,...rj->...hj", b_g, q).reshape(x.shape[:-1] + (h * k,))
+        m, h = a_g.shape[1], b_g.shape[0]
+        xs = x.reshape(x.shape[:-1] + (m, k))
+        q = jnp.einsum("ri,...il->...rl", a_g, xs)  # (..., r, k)
+        q = q @ jnp.swapaxes(keff, -1, -2)  # (..., r, k)
+        y = y + jnp.einsum("hr,...rj->...hj", b_g, q).reshape(x.shape[:-1] + (h * k,))
     return y
 
 

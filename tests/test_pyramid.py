@@ -263,15 +263,6 @@ def test_paper_lora_factors_need_concrete_experts():
         jax.jit(lambda i: P.lora_factors(p, A, B, kernels, w, i))(jnp.array([0, 1]))
 
 
-def test_project_meta_seed_shares_prefixes_exactly():
-    x, A = _normal(1, (2, 3, 64)), _normal(2, (5, 32))
-    widths = [32, 8, 16, 10, 16]
-    outs = P.project_meta_seed(x, A, widths)
-    for m, u in zip(widths, outs, strict=True):
-        chex.assert_shape(u, (2, 3, 5))
-        chex.assert_trees_all_close(u, x[..., :m] @ A[:, :m].T, **TOL)
-
-
 def test_groups_and_scales():
     p = P.Pyramid("reference", 64, 64, (2, 2, 4, 4, 6, 6, 8, 8))
     assert p.groups == ((2, (0, 1)), (4, (2, 3)), (6, (4, 5)), (8, (6, 7)))

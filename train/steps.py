@@ -54,7 +54,8 @@ def loss_fn(trainable, frozen, graphdef, batch: dict, dropout_rng: Array, *, fam
             contrastive_lambda: float) -> tuple[Array, dict[str, Array]]:
     """``ce + contrastive_lambda * mean(contrastive losses)`` of one training batch, and its parts."""
     model = nnx.merge(graphdef, trainable, frozen)
-    ctx = AdapterContext(task_ids=batch["task_ids"], dropout_rng=dropout_rng, deterministic=False)
+    ctx = AdapterContext(task_ids=batch["task_ids"], dropout_rng=dropout_rng, semantic=batch.get("semantic"),
+                         deterministic=False)
     logits = forward(family, model, batch, ctx)
     aux = pop_aux_losses(model)
     ce = cross_entropy(logits, batch["labels"], batch["label_mask"])
@@ -109,14 +110,17 @@ def merged_frozen(graphdef, trainable, frozen, task: int | Array) -> nnx.State:
     """The frozen state with task ``task``'s adapter deltas added to the base kernels (``kernel += merge.T``).
 
     ``adapter.merge(task)`` is ``(d_out, d_in)`` (PyTorch layout); base kernels are ``(d_in, d_out)``.
-    Run the result with ``AdapterContext(adapters_enabled=False)``: the adapters are then inert.
+    Run the result with ``AdapterContext(adapters_enabled=False)``: the adapters are then inert. ``frozen`` itself
+    is left unchanged (eagerly or under jit).
 
     Raises:
       ValueError: an adapter that cannot be merged (its delta depends on the token).
     """
     from ept_jax.nn import TRAINABLE
 
-    model = nnx.merge(graphdef, trainable, frozen)
+    # nnx.merge reuses the Variables of the states it is given: rebuild them, so that adding the deltas below
+    # never writes into the caller's frozen state (outside jit the arrays would otherwise be replaced in place).
+    model = nnx.merge(graphdef, trainable, jax.tree.map(lambda x: x, frozen))
     for path, lin in adapted_linears(model):
         if not lin.adapter.mergeable:
             raise ValueError(
