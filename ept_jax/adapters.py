@@ -37,7 +37,8 @@ class AdapterConfig:
     """What adapter goes into each targeted Linear, and how it is built. Frozen and hashable.
 
     Attributes:
-      kind: registry key: ``"ept"``, ``"lora"``, ``"moelora"``, ``"dcft"`` (see :func:`registered_kinds`).
+      kind: registry key: ``"ept"``, ``"lora"``, ``"moelora"``, ``"dcft"`` (``baselines.py``), ``"more"``,
+        ``"moelora_release"``, ``"trex"`` (``competitors.py``); see :func:`registered_kinds`.
       variant: EPT/DCFT: ``"reference"`` (what the released code computes; PyTorch default init, the adapter is
         not zero at step 0) or ``"paper"`` (Kronecker expansion, Gaussian ``A``/``B``, zero kernels).
       r: rank of the meta seed (EPT/DCFT), of LoRA, or the total rank shared by MoE-LoRA experts.
@@ -62,6 +63,9 @@ class AdapterConfig:
       param_dtype: dtype of the adapter parameters (``"float32"``, ``"bfloat16"``, ``"float64"`` ...).
       forward_path: EPT/DCFT: ``"fast"`` (never materialises a delta; training), ``"materialized"`` (per-task
         deltas, then ``x @ dW.T``) or ``"conv"`` (the ``lax.conv_transpose`` definition); for benchmarks.
+      trex_r1, trex_r2: T-REX (``kind="trex"``): the number of down vectors ``a_i`` (rows of ``A (r1, d_in)``)
+        and of up vectors ``b_j`` (columns of ``B (d_out, r2)``); ``r1 * r2`` rank-one experts (the release's
+        ``--rank1_flex_rank_allocation 4 8``). Unused by the other kinds.
     """
 
     kind: str = "ept"
@@ -80,6 +84,8 @@ class AdapterConfig:
     n_moe_experts: int = 8
     param_dtype: str = "float32"
     forward_path: str = "fast"
+    trex_r1: int = 4
+    trex_r2: int = 8
 
     @property
     def scale(self) -> float:
@@ -111,8 +117,8 @@ def register_adapter(kind: str, validator: Callable[[AdapterConfig, int, int], N
 
 
 def _load_builtin_kinds() -> None:
-    # baselines.py imports this module, so it is imported lazily to register its kinds.
-    from ept_jax import baselines  # noqa: F401
+    # baselines.py and competitors.py import this module, so they are imported lazily to register their kinds.
+    from ept_jax import baselines, competitors  # noqa: F401
 
 
 def registered_kinds() -> tuple[str, ...]:
@@ -484,15 +490,34 @@ def make_adapter(
     *,
     rngs: nnx.Rngs,
     axes: tuple[str | None, str | None] | None = None,
+    shared: nnx.Module | None = None,
 ) -> Adapter:
     """Builds the adapter ``cfg.kind`` for a ``d_in -> d_out`` Linear.
 
     Args:
       axes: the base kernel's ``(input, output)`` logical axis names; ``A``'s input dimension and ``B``'s output
         dimension take them (None: replicated).
+      shared: the model-wide module of kinds that share state across Linears (:func:`make_shared`); None for
+        the others.
     Raises:
       ValueError: an unknown kind or a configuration that cannot adapt this Linear (see :func:`validate`).
     """
     validate(cfg, d_in, d_out)
     cls = _REGISTRY[cfg.kind][0]
+    if shared is not None:
+        return cls(cfg, d_in, d_out, rngs=rngs, axes=axes, shared=shared)
     return cls(cfg, d_in, d_out, rngs=rngs, axes=axes)
+
+
+def make_shared(cfg: AdapterConfig, *, rngs: nnx.Rngs) -> nnx.Module | None:
+    """The module that every adapter of kind ``cfg.kind`` in one model shares, or None for kinds without one.
+
+    A kind declares it with a ``build_shared(cfg, *, rngs)`` classmethod (MOELoRA's release: one task
+    embedding and one gate for the whole model). ``ept_jax.nn.Injector`` calls this once per model and hands
+    the result to every :func:`make_adapter` call.
+    """
+    _load_builtin_kinds()
+    if cfg.kind not in _REGISTRY:
+        return None  # make_adapter reports the unknown kind
+    build = getattr(_REGISTRY[cfg.kind][0], "build_shared", None)
+    return build(cfg, rngs=rngs) if build is not None else None

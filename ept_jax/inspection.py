@@ -20,6 +20,7 @@ KIND_OF_ATTRIBUTE = {
     "gate_w": "gate",
     "gate_b": "gate",
     "gate": "gate",
+    "router_w": "gate",  # T-REX's per-token router
     "task_embedding": "task_embedding",
 }
 # The kinds that the paper counts as "params/task" (routing parameters are excluded, as in its table).

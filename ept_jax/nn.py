@@ -63,12 +63,15 @@ class AdapterContext:
       task_ids: ``(batch,)`` int32 task index of each example, or None (adapters off for the call: the
         base model alone, e.g. to compute base logits).
       dropout_rng: a PRNG key for adapter dropout, or None for no dropout.
+      semantic: ``(batch, n)`` per-example semantic vector for adapters that read one (T-REX's
+        ``centroids @ emb(sample)``, ``n = r1 * r2``), or None (such adapters then use zeros).
       deterministic: static; True disables dropout.
       adapters_enabled: static; False makes every adapted Linear behave as its base Linear.
     """
 
     task_ids: Array | None = None
     dropout_rng: Array | None = None
+    semantic: Array | None = None
     deterministic: bool = struct.field(pytree_node=False, default=True)
     adapters_enabled: bool = struct.field(pytree_node=False, default=True)
 
@@ -212,6 +215,10 @@ class Injector:
         self.injection = injection
         self.count = 0
         self.seen_targets: set[str] = set()
+        # State one adapter kind shares across every adapted Linear of the model (MOELoRA's router), built
+        # once at the first adapted Linear; flax NNX stores a module referenced by several parents once.
+        self.shared: nnx.Module | None = None
+        self._shared_built = False
 
     def __call__(
         self,
@@ -231,10 +238,12 @@ class Injector:
         inj = self.injection
         if inj is None or short_name not in inj.targets:
             return base
-        from ept_jax.adapters import make_adapter  # local import: adapters imports this module
+        from ept_jax.adapters import make_adapter, make_shared  # local import: adapters imports this module
 
         self.seen_targets.add(short_name)
-        adapter = make_adapter(inj.adapter, d_in, d_out, rngs=rngs, axes=tuple(axes))
+        if not self._shared_built:
+            self.shared, self._shared_built = make_shared(inj.adapter, rngs=rngs), True
+        adapter = make_adapter(inj.adapter, d_in, d_out, rngs=rngs, axes=tuple(axes), shared=self.shared)
         lin = AdaptedLinear(
             base,
             adapter,

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
+
+import numpy as np
 
 from ept_jax.data import EncodedTask, TaskData, TrainBatches, encode_decoder_only, encode_seq2seq, load_task
 from train.errors import UserError
@@ -18,12 +21,16 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class EvalSet:
-    """One evaluation set: ``name`` (e.g. ``"mnli_mm"``), the ``task`` it scores, its ``task_id`` and examples."""
+    """One evaluation set: ``name`` (e.g. ``"mnli_mm"``), the ``task`` it scores, its ``task_id`` and examples.
+
+    ``semantic``: T-REX only, ``(N, r1 * r2)`` float32 ``centroids @ emb(source)`` per example (else None).
+    """
 
     name: str
     task: str
     task_id: int
     encoded: EncodedTask
+    semantic: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -64,9 +71,31 @@ def _encoder(config, tokenizer):
     )
 
 
-def build_data(config, tokenizer, decoder_start_token_id: int) -> Data:
-    """Loads, encodes and batches the tasks of ``config`` (see the module docstring)."""
+def _semantic_index(config, tasks: list[TaskData], workdir):
+    """T-REX's :class:`~ept_jax.data.semantic.SemanticIndex` (centroids over the training sources), or None."""
+    if str(config.adapter.kind) != "trex":
+        return None
+    from ept_jax.data.semantic import DEFAULT_EMBEDDER, SemanticIndex
+
+    cache = config.data.get("semantic_cache_dir")
+    if cache is None:
+        if workdir is None:
+            raise UserError("adapter.kind='trex' needs data.semantic_cache_dir (or a workdir) to cache its embeddings")
+        cache = Path(workdir) / "semantic"
+    return SemanticIndex.fit([[e.source for e in td.train] for td in tasks], task_names=[td.task for td in tasks],
+                             n_clusters=int(config.adapter.trex_r1) * int(config.adapter.trex_r2),
+                             seed=int(config.train.seed), cache_dir=cache,
+                             embedder_name=str(config.adapter.get("trex_embedder", DEFAULT_EMBEDDER)))
+
+
+def build_data(config, tokenizer, decoder_start_token_id: int, *, workdir=None) -> Data:
+    """Loads, encodes and batches the tasks of ``config`` (see the module docstring).
+
+    ``adapter.kind="trex"``: every batch also carries ``semantic (B, r1 * r2)`` (see :mod:`ept_jax.data.semantic`),
+    cached in ``data.semantic_cache_dir`` (None: ``<workdir>/semantic``).
+    """
     tasks = load_tasks(config)
+    index = _semantic_index(config, tasks, workdir)
     encode = _encoder(config, tokenizer)
     encoded_train = [encode(td.train) for td in tasks]
     limit = config.eval.max_examples
@@ -79,7 +108,8 @@ def build_data(config, tokenizer, decoder_start_token_id: int) -> Data:
                     examples = examples[: int(limit)]
                 if not examples:
                     raise UserError(f"task {td.task!r}: evaluation set {name!r} ({kind}) is empty")
-                out.append(EvalSet(name, td.task, task_id, encode(examples)))
+                sem = None if index is None else index.vectors([e.source for e in examples])
+                out.append(EvalSet(name, td.task, task_id, encode(examples), semantic=sem))
         return out
 
     family = str(config.model.family)
@@ -90,7 +120,9 @@ def build_data(config, tokenizer, decoder_start_token_id: int) -> Data:
         else dict(max_length=int(config.data.max_source_length) + int(config.data.max_target_length))
     )
     batches = TrainBatches(encoded_train, int(config.train.batch_size), strategy=str(config.data.sampling),
-                           seed=int(config.train.seed), **lengths)
+                           seed=int(config.train.seed), **lengths,
+                           semantic=None if index is None else [index.vectors([e.source for e in td.train])
+                                                                for td in tasks])
     sizes = {td.task: len(td.train) for td in tasks}
     logger.info("training examples per task: %s", sizes)
     return Data(batches=batches, dev=sets("dev"), test=sets("test"), train_sizes=sizes)

@@ -63,11 +63,14 @@ def predict(state: TrainState, eval_set: EvalSet, tokenizer, mesh: Mesh, *, fami
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = eos if pad is None else pad
     out: list[str] = []
-    for batch in eval_batches(eval_set.encoded, eval_set.task_id, batch_size, max_length=max_length):
+    for batch in eval_batches(eval_set.encoded, eval_set.task_id, batch_size, max_length=max_length,
+                              semantic=eval_set.semantic):
         ids = put_global(batch.arrays["input_ids"], sh)
         mask = put_global(batch.arrays["attention_mask"], sh)
         task_ids = put_global(batch.arrays["task_ids"], sh)
-        ctx = AdapterContext(task_ids=task_ids, adapters_enabled=merged_frozen is None)
+        semantic = batch.arrays.get("semantic")  # T-REX only
+        semantic = None if semantic is None else put_global(semantic, sh)
+        ctx = AdapterContext(task_ids=task_ids, semantic=semantic, adapters_enabled=merged_frozen is None)
         tokens = steps.generate(family, model, ids, mask, ctx, max_new_tokens=max_new_tokens, eos_token_id=eos,
                                 pad_token_id=int(pad))
         tokens = to_host(tokens)[batch.mask]

@@ -28,6 +28,9 @@ evaluation (both), :class:`EvalBatch` from :func:`eval_batches`:
   the real rows; ``mask (B,)`` bool: False on the rows that pad the last batch to ``B`` (they repeat a real
   example; leave them out of metrics).
 
+T-REX (``adapter.kind="trex"``) batches also carry ``semantic (B, K)`` float32, ``K = r1 * r2``, in training and
+evaluation alike: ``centroids @ emb(source)`` from :mod:`ept_jax.data.semantic`.
+
 Tasks are named by strings (:func:`get_task`; an unknown name raises listing the accepted ones): GLUE
 ``cola mnli mrpc qnli qqp rte sst2 stsb``; commonsense ``boolq arc_e arc_c openbookqa piqa``; synthetic
 ``syn_copy syn_reverse syn_sort syn_sentiment``.

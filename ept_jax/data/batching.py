@@ -1,7 +1,7 @@
 """Static-shape numpy batches for training and evaluation (the batch format of :mod:`ept_jax.data`).
 
 Every array has the configured static length, whatever the examples' lengths, so a jitted step compiles once
-per shape. All arrays are int32.
+per shape. All arrays are int32, except T-REX's optional ``semantic (B, K)`` float32 vectors.
 """
 
 from __future__ import annotations
@@ -102,6 +102,16 @@ def collate_decoder_only(tasks: Sequence[EncodedTask], items: Sequence[tuple[int
     }
 
 
+def _check_semantic(semantic: np.ndarray | None, n: int, task: str) -> np.ndarray | None:
+    """``semantic`` as float32 ``(n, K)``, or None; a row count other than the task's ``n`` examples raises."""
+    if semantic is None:
+        return None
+    semantic = np.asarray(semantic, np.float32)
+    if semantic.ndim != 2 or semantic.shape[0] != n:
+        raise ValueError(f"task {task!r}: semantic vectors of shape {semantic.shape}; expected ({n}, K), one a row")
+    return semantic
+
+
 @dataclasses.dataclass
 class EvalBatch:
     """One evaluation batch.
@@ -121,7 +131,8 @@ class EvalBatch:
     task: str
 
 
-def eval_batches(encoded: EncodedTask, task_id: int, batch_size: int, *, max_length: int) -> Iterator[EvalBatch]:
+def eval_batches(encoded: EncodedTask, task_id: int, batch_size: int, *, max_length: int,
+                 semantic: np.ndarray | None = None) -> Iterator[EvalBatch]:
     """The evaluation batches of one task, in example order, each exactly ``batch_size`` rows.
 
     Args:
@@ -130,9 +141,12 @@ def eval_batches(encoded: EncodedTask, task_id: int, batch_size: int, *, max_len
       batch_size: static batch size ``B``.
       max_length: static prompt length ``Ls`` (seq2seq: the max source length; decoder-only: the max prompt
         length).
+      semantic: optional ``(N, K)`` per-example vectors (T-REX, :mod:`ept_jax.data.semantic`); the batches then
+        carry ``arrays["semantic"] (B, K)`` float32.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    semantic = _check_semantic(semantic, len(encoded), encoded.task)
     left = encoded.kind == DECODER
     n = len(encoded)
     for start in range(0, n, batch_size):
@@ -142,8 +156,11 @@ def eval_batches(encoded: EncodedTask, task_id: int, batch_size: int, *, max_len
         ids, mask = _pad_rows([encoded.inputs[i] for i in rows], max_length, encoded.pad_id, left=left)
         valid = np.zeros((batch_size,), bool)
         valid[: len(real)] = True
+        arrays = {"input_ids": ids, "attention_mask": mask, "task_ids": np.full((batch_size,), task_id, np.int32)}
+        if semantic is not None:
+            arrays["semantic"] = semantic[rows]
         yield EvalBatch(
-            arrays={"input_ids": ids, "attention_mask": mask, "task_ids": np.full((batch_size,), task_id, np.int32)},
+            arrays=arrays,
             references=[encoded.references[i] for i in real],
             mask=valid,
             task=encoded.task,
@@ -160,6 +177,8 @@ class TrainBatches:
       max_source_length, max_target_length: seq2seq static lengths.
       max_length: decoder-only static length.
       decoder_start_token_id: seq2seq decoder start id (T5: 0).
+      semantic: optional, per task, ``(n_i, K)`` per-example vectors (T-REX, :mod:`ept_jax.data.semantic`); the
+        batches then also carry ``semantic (B, K)`` float32.
     """
 
     def __init__(
@@ -173,6 +192,7 @@ class TrainBatches:
         max_target_length: int | None = None,
         max_length: int | None = None,
         decoder_start_token_id: int = 0,
+        semantic: Sequence[np.ndarray] | None = None,
     ):
         if not tasks:
             raise ValueError("TrainBatches needs at least one task")
@@ -196,12 +216,21 @@ class TrainBatches:
                 raise ValueError("decoder-only batches need max_length")
             self._collate = lambda items: collate_decoder_only(self.tasks, items, max_length=max_length)
         self.sampler = MultiTaskSampler([len(t) for t in tasks], batch_size, strategy=strategy, seed=seed)
+        if semantic is not None and len(semantic) != len(self.tasks):
+            raise ValueError(f"{len(semantic)} arrays of semantic vectors for {len(self.tasks)} tasks")
+        self.semantic = None if semantic is None else [
+            _check_semantic(s, len(t), t.task) for s, t in zip(semantic, self.tasks, strict=True)
+        ]
 
     def __iter__(self) -> TrainBatches:
         return self
 
     def __next__(self) -> Batch:
-        return self._collate(next(self.sampler))
+        items = next(self.sampler)
+        batch = self._collate(items)
+        if self.semantic is not None:
+            batch["semantic"] = np.stack([self.semantic[t][i] for t, i in items])
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position (the sampler's state)."""
