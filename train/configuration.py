@@ -95,7 +95,8 @@ def validate(config) -> None:
         _positive_int(config.data.max_train_examples, "data.max_train_examples")
 
     t = config.train
-    for name in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    _positive_int(t.steps, "train.steps", allow_zero=True)  # 0: evaluate the untrained model and stop
+    for name in ("batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _positive_int(t[name], f"train.{name}")
     _positive_int(t.warmup_steps, "train.warmup_steps", allow_zero=True)
     _positive_int(t.seed, "train.seed", allow_zero=True)

@@ -25,8 +25,9 @@ class NonFiniteLossError(UserError):
 
 
 # Exceptions printed as one line. ValueError covers CheckpointError and the data / adapter validation errors,
-# KeyError a dataset row missing a column, OSError files that cannot be read or written.
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, KeyError, OSError)
+# KeyError a dataset row missing a column, OSError files that cannot be read or written, ModuleNotFoundError an
+# optional wheel that is not installed (the message names the pip command).
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, KeyError, OSError, ModuleNotFoundError)
 
 
 def one_line(error: BaseException) -> str:

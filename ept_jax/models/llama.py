@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ept_jax.checkpoints.gguf import read_gguf, split_gguf_path
+from ept_jax.checkpoints.gguf import layer_index, read_gguf, split_gguf_path
 from ept_jax.checkpoints.hf import CheckpointError, load_into, read_config, read_tensors, resolve_model_dir
 from ept_jax.checkpoints.llama_map import hf_ignore, hf_rules, linear_names
 from ept_jax.models.llama_config import LlamaConfig, RopeScaling, rope_inv_freq
@@ -352,6 +352,13 @@ def _model_for_loading(cfg, injection, dtype, param_dtype, rngs: nnx.Rngs) -> Ll
     return nnx.merge(graphdef, base, rest)
 
 
+def _truncated_config(config: dict, num_layers, source: str) -> dict:
+    total = int(config.get("num_hidden_layers", 0))
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= total:
+        raise CheckpointError(f"num_layers={num_layers!r}: {source} has {total} layers; accepted: 1 .. {total}")
+    return {**config, "num_hidden_layers": num_layers}
+
+
 def from_pretrained(
     name_or_path: str | os.PathLike,
     *,
@@ -360,6 +367,7 @@ def from_pretrained(
     param_dtype: str = "float32",
     rngs: nnx.Rngs | None = None,
     gguf_file: str | None = None,
+    num_layers: int | None = None,
 ) -> LlamaModel:
     """Loads a LLaMA-family checkpoint, strictly, optionally with adapters injected.
 
@@ -370,6 +378,9 @@ def from_pretrained(
       dtype / param_dtype: ``"float32"`` or ``"bfloat16"``.
       rngs: keys for the adapters' initialisation (default ``nnx.Rngs(0)``).
       gguf_file: a GGUF file name inside ``name_or_path`` (transformers' convention), instead of a ``.gguf`` path.
+      num_layers: build and load only the first this many decoder layers (``1 .. num_hidden_layers``; None =
+        all). The other layers' tensors are not read (GGUF: never dequantised; safetensors: never touched in
+        the memory map); what is read is loaded as strictly as a full checkpoint. For fast tests and probes.
     Raises:
       CheckpointError: no weights, an unsupported config, or a missing / unexpected / wrongly shaped tensor
         (each named).
@@ -380,18 +391,22 @@ def from_pretrained(
         name_or_path = resolve_model_dir(name_or_path, allow_patterns=[gguf_file, "*.json"])
     gguf_path = split_gguf_path(name_or_path, gguf_file)
     if gguf_path is not None:
-        config, tensors = read_gguf(gguf_path)
+        config, tensors = read_gguf(gguf_path, num_layers=num_layers)
         source = str(gguf_path)
     else:
         model_dir = resolve_model_dir(name_or_path)
         config, source = read_config(model_dir), str(model_dir)
         tensors = None  # read after the config is validated: a bad config fails before any weight is touched
+    if tensors is None and num_layers is not None:
+        config = _truncated_config(config, num_layers, source)
     try:
         cfg = LlamaConfig.from_hf(config)
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from e
     if tensors is None:
         tensors = read_tensors(model_dir)
+        if num_layers is not None:  # safetensors are memory-mapped: dropping the names means never reading them
+            tensors = {k: v for k, v in tensors.items() if (layer_index(k) or 0) < num_layers}
     model = _model_for_loading(cfg, injection, dtype, param_dtype, rngs or nnx.Rngs(0))
     load_into(model, tensors, hf_rules(cfg), ignore=hf_ignore(cfg), source=source)
     return model

