@@ -16,12 +16,18 @@ and shape, from Orbax's metadata) with the model being trained; any difference i
 A checkpoint that cannot be read (truncated file, partial write) is reported, moved aside, and the previous one
 is used. Orbax writes each checkpoint into a temporary directory and renames it when complete, so a process
 killed mid-write leaves only a temporary directory, which is deleted on the next start.
+
+``EPT_KILL_DURING_CHECKPOINT=N`` (environment; fault injection for the reliability tests) makes the process
+``SIGKILL`` itself in the middle of writing regular checkpoint ``N``: once its host record is in Orbax's temporary
+directory (the arrays are written beside it concurrently), before the checkpoint is committed.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 IDENTITY_KEYS = ("format", "family", "tasks", "adapter")
+KILL_ENV = "EPT_KILL_DURING_CHECKPOINT"
 
 
 # --------------------------------------------------------------------------------------------------- trees
@@ -103,12 +110,27 @@ def tree_mismatches(item: str, saved_metadata, target) -> list[str]:
     return out
 
 
+def _adapter_defaults() -> dict[str, Any]:
+    """``AdapterConfig``'s defaults as JSON values: what a checkpoint written before a field existed meant."""
+    import dataclasses
+    import json
+
+    from ept_jax.adapters import AdapterConfig
+
+    return json.loads(json.dumps(dataclasses.asdict(AdapterConfig())))
+
+
 def identity_mismatches(saved: Mapping, expected: Mapping) -> list[str]:
-    """Identity fields (adapter config, tasks, family, format) that differ between a checkpoint and the run."""
+    """Identity fields (adapter config, tasks, family, format) that differ between a checkpoint and the run.
+
+    An adapter option absent from the checkpoint (written before the option existed) counts as its default.
+    """
     out = []
     for key in IDENTITY_KEYS:
         a, b = saved.get(key), expected.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
+            if key == "adapter":
+                a = {**{k: v for k, v in _adapter_defaults().items() if k not in a and k in b}, **a}
             out += [
                 f"{key}.{k}: checkpoint {a.get(k)!r}, run {b.get(k)!r}"
                 for k in sorted(set(a) | set(b))
@@ -126,6 +148,34 @@ def _abstract(tree) -> Any:
 # --------------------------------------------------------------------------------------------------- manager
 
 
+def _kill_step() -> int | None:
+    value = os.environ.get(KILL_ENV)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError as e:
+        raise ValueError(f"{KILL_ENV}={value!r} is not an integer step") from e
+
+
+def _killing_json_handler(kill_step: int) -> ocp.JsonCheckpointHandler:
+    """The ``host`` item's handler under ``EPT_KILL_DURING_CHECKPOINT``: once it has written the host record of
+    step ``kill_step`` into Orbax's temporary directory (the arrays are then being written beside it, and the
+    checkpoint is not committed before every item is done), it SIGKILLs the process. The write of the
+    instance is wrapped rather than the class subclassed: Orbax finds a handler's args by its exact type."""
+    handler = ocp.JsonCheckpointHandler()
+    real_write = handler._save_fn  # the background write of the JSON file (Orbax 0.12)
+
+    async def write_then_kill(record, directory):
+        await real_write(record, directory)
+        if int(record.get("step", -1)) == kill_step:
+            logger.warning("%s=%d: killing the process while it writes %s", KILL_ENV, kill_step, directory)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    handler._save_fn = write_then_kill
+    return handler
+
+
 class Checkpointer:
     """The regular and the best checkpoint managers of one workdir (module docstring)."""
 
@@ -135,16 +185,16 @@ class Checkpointer:
         self.best_dir = self.workdir / "best"
         self.corrupt_dir = self.workdir / "checkpoints_corrupt"
         self.keep = keep
-        self._mgr = self._manager(self.dir, keep, ("params", "opt_state", "host"))
+        self._mgr = self._manager(self.dir, keep, ("params", "opt_state", "host"), kill_step=_kill_step())
         self._best = self._manager(self.best_dir, 1, ("params", "host"))
 
     @staticmethod
-    def _manager(directory: Path, keep: int, items: tuple[str, ...]) -> ocp.CheckpointManager:
+    def _manager(directory: Path, keep: int, items: tuple[str, ...],
+                 kill_step: int | None = None) -> ocp.CheckpointManager:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
         # Handlers registered up front: a fresh manager can then read the metadata of existing checkpoints.
-        handlers = {
-            item: ocp.JsonCheckpointHandler() if item == "host" else ocp.StandardCheckpointHandler() for item in items
-        }
+        json_handler = ocp.JsonCheckpointHandler() if kill_step is None else _killing_json_handler(kill_step)
+        handlers = {item: json_handler if item == "host" else ocp.StandardCheckpointHandler() for item in items}
         return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
 
     # -- saving --------------------------------------------------------------------------------------------

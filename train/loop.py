@@ -8,6 +8,10 @@ step, so the records written after a resume are the ones the uninterrupted run w
 
 ``EPT_STOP_AFTER_STEP=N`` (environment) ends the run cleanly after the first checkpoint at a step >= N: the
 interruption the resume tests (and a scheduler's preemption) need, with the schedule of the full run.
+
+``EPT_NAN_AT_STEPS=7,8`` (environment; fault injection for the reliability tests) runs the updates numbered 7
+and 8 on NaN base weights, so their loss and gradients are NaN and ``train.nan_policy`` decides what happens.
+A run whose ``_Run`` set-up fails (bad config, data or model) removes the workdir if this call created it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,7 @@ from train.logger import MetricsLogger
 logger = logging.getLogger(__name__)
 
 STOP_ENV = "EPT_STOP_AFTER_STEP"
+NAN_ENV = "EPT_NAN_AT_STEPS"
 RESULTS_FILE = "results.json"
 _AVERAGED = ("loss", "ce", "contrastive", "grad_norm")
 
@@ -60,6 +66,20 @@ def _stop_after() -> int | None:
         return int(value)
     except ValueError as e:
         raise UserError(f"{STOP_ENV}={value!r} is not an integer step") from e
+
+
+def _nan_steps() -> frozenset[int]:
+    """The update numbers of ``EPT_NAN_AT_STEPS`` (comma-separated, 1-based like the metrics' steps)."""
+    value = os.environ.get(NAN_ENV, "").strip()
+    try:
+        return frozenset(int(v) for v in value.split(",") if v.strip())
+    except ValueError as e:
+        raise UserError(f"{NAN_ENV}={value!r} is not a comma-separated list of integer steps") from e
+
+
+def _poisoned(frozen):
+    """``frozen`` with every floating-point array multiplied by NaN (same shapes and shardings: no recompile)."""
+    return jax.tree.map(lambda x: x * np.nan if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x, frozen)
 
 
 def _check_batch(config, mesh) -> None:
@@ -107,7 +127,8 @@ class _Run:
         model = state_lib.build_model(config)
         self.tokenizer = state_lib.load_tokenizer(config)
         state_lib.check_tokenizer(self.tokenizer, model)
-        self.data = build_data(config, self.tokenizer, getattr(model.cfg, "decoder_start_token_id", 0))
+        self.data = build_data(config, self.tokenizer, getattr(model.cfg, "decoder_start_token_id", 0),
+                               workdir=workdir)
         self.tx, self.schedule = state_lib.make_optimizer(config)
         self.state = state_lib.create_train_state(model, self.tx, self.mesh)
         del model
@@ -197,7 +218,7 @@ class _Run:
 
     def train(self) -> dict[str, Any]:
         cfg = self.config.train
-        total, stop_after = int(cfg.steps), _stop_after()
+        total, stop_after, nan_steps = int(cfg.steps), _stop_after(), _nan_steps()
         pending: list = []
         interval_start, tokens, t_interval = self.step, 0, time.time()
         self.t_start = time.time()
@@ -205,8 +226,9 @@ class _Run:
             np_batch = next(self.data.batches)
             batch = {k: state_lib.put_global(v, self.batch_sharding) for k, v in np_batch.items()}
             tokens += int(np_batch["attention_mask"].sum()) + int(np_batch["label_mask"].sum())
+            frozen = _poisoned(self.state.frozen) if self.step + 1 in nan_steps else self.state.frozen
             self.state.trainable, self.state.opt_state, metrics = self.train_step(
-                self.state.trainable, self.state.opt_state, self.state.frozen, batch, np.int32(self.step)
+                self.state.trainable, self.state.opt_state, frozen, batch, np.int32(self.step)
             )
             pending.append(metrics)
             self.step += 1
@@ -237,14 +259,26 @@ def run(config, workdir: str | os.PathLike, *, allow_config_change: bool = False
     """Trains (or resumes) the run of ``config`` in ``workdir``; returns a summary (final step, best, test scores).
 
     Args:
-      config: a ConfigDict with the schema of ``configs/common.py``.
+      config: a ConfigDict with the schema of ``configs/common.py``; ``train.steps=0`` only evaluates the
+        untrained model (:mod:`train.eval_only`).
       workdir: the run's directory (created; a restart with the same one resumes).
       allow_config_change: accept a config that contradicts the one saved in ``workdir``.
       devices: the devices of the mesh (default: all).
     Raises:
       UserError / ValueError / ...: bad config or input, named in the message (see ``train/errors.py``).
     """
-    r = _Run(config, Path(workdir), allow_config_change=allow_config_change, devices=devices)
+    created = not Path(workdir).exists()
+    try:
+        if config.train.steps == 0:  # "evaluate and stop" (train/eval_only.py): nothing trained, nothing to lose
+            from train import eval_only
+
+            return eval_only.run(config, workdir, allow_config_change=allow_config_change, devices=devices)
+        r = _Run(config, Path(workdir), allow_config_change=allow_config_change, devices=devices)
+    except BaseException:
+        # Nothing was trained: a refused command leaves no empty (or config-only) workdir behind.
+        if created and jax.process_index() == 0:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
     try:
         return r.train()
     finally:

@@ -95,7 +95,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected positional arguments {argv[1:]}; all options are --flags")
     logging.getLogger().setLevel(logging.INFO)
-    for noisy in ("absl", "orbax", "jax._src", "etils"):
+    for noisy in ("absl", "orbax", "jax._src", "etils", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from train import loop  # after flag parsing: importing JAX is slow, errors above should be fast
 

@@ -1,0 +1,325 @@
+"""Reliability of ``python -m train.main`` on the smoke config: faults survived, bad input refused clearly.
+
+Faults: ``kill -9`` in the middle of a checkpoint write (``EPT_KILL_DURING_CHECKPOINT``: Orbax's temporary
+directory is left behind, the next start ignores and removes it, resumes from the previous checkpoint and ends
+identical to an uninterrupted run), a NaN loss under both ``train.nan_policy`` values (``EPT_NAN_AT_STEPS``), a
+checkpoint of another adapter config (same shapes) refused. Bad input: every case exits 2 with exactly one line on
+stderr naming the bad value, no traceback, and leaves nothing behind (no workdir when the command created it; an
+existing run's workdir byte for byte unchanged).
+
+``kill -9`` during training, a truncated checkpoint file and another adapter shape are in
+``tests/test_train_resume.py``; exporting a task the checkpoint does not have in ``tests/test_export.py``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from filelock import FileLock
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 20
+OVERRIDES = [
+    f"--config.train.steps={STEPS}",
+    "--config.train.checkpoint_every=5",
+    "--config.train.log_every=5",
+    "--config.train.eval_every=10",
+    "--config.train.keep_checkpoints=4",
+    "--config.eval.max_examples=16",
+]
+TIMING_KEYS = ("tokens_per_s", "elapsed_s")
+FAULT_ENV = ("EPT_STOP_AFTER_STEP", "EPT_KILL_DURING_CHECKPOINT", "EPT_NAN_AT_STEPS", "XLA_FLAGS")
+
+
+def cli(workdir, cache_dir, args=(), **env_extra) -> subprocess.CompletedProcess:
+    """``python -m train.main`` on the smoke config with :data:`OVERRIDES` and ``args`` (later ones win)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    for key in FAULT_ENV:
+        env.pop(key, None)
+    env.update(env_extra)
+    cmd = [sys.executable, "-m", "train.main", "--config", str(REPO / "configs/smoke.py"), "--workdir",
+           str(workdir), *OVERRIDES, *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def shared_root(tmp_path_factory):
+    """A directory shared by the xdist workers of this session (so the reference run is made only once)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # .../pytest-N/popen-gwK: the session's directory is the parent
+        base = base.parent
+    root = base / "reliability_shared"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache_dir(shared_root):
+    return shared_root / "jax_cache"
+
+
+@pytest.fixture(scope="module")
+def reference(shared_root, cache_dir):
+    """The uninterrupted, fault-free run (made once per session, under a lock)."""
+    workdir = shared_root / "uninterrupted"
+    with FileLock(str(shared_root / "reference.lock")):
+        if not (workdir / "results.json").is_file():
+            out = cli(workdir, cache_dir)
+            assert out.returncode == 0, out.stderr[-4000:]
+    return workdir
+
+
+def params(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a saved item, flattened to ``{"a/b/c": array}``."""
+    tree = ocp.StandardCheckpointer().restore(path.absolute())
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                yield from walk(v, f"{prefix}{k}/")
+            else:
+                yield f"{prefix}{k}", np.asarray(v)
+
+    return dict(walk(tree, ""))
+
+
+def assert_same_params(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=f"{what} {k}")
+
+
+def records(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_identical_runs(a: Path, b: Path) -> None:
+    """Metrics (without timings), results, final and best parameters are equal."""
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rs]  # noqa: E731
+    assert strip(records(a)) == strip(records(b))
+    assert json.loads((a / "results.json").read_text()) == json.loads((b / "results.json").read_text())
+    assert_same_params(params(a / f"checkpoints/{STEPS}/params"), params(b / f"checkpoints/{STEPS}/params"), "final")
+    best_a, best_b = ([p for p in (w / "best").iterdir() if p.name.isdigit()] for w in (a, b))
+    assert [p.name for p in best_a] == [p.name for p in best_b] and len(best_a) == 1
+    assert_same_params(params(best_a[0] / "params"), params(best_b[0] / "params"), "best")
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else b"<dir>"
+            for p in sorted(directory.rglob("*"))}
+
+
+def assert_one_line_refusal(out: subprocess.CompletedProcess, *needles: str, only_line: bool = True) -> str:
+    """Exit status 2, no traceback, stderr ending in one ``error: ...`` line naming every needle; with
+    ``only_line`` that line is all of stderr (refused before any progress was logged)."""
+    assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.splitlines()
+    assert lines and lines[-1].startswith("error: "), out.stderr[-3000:]
+    assert sum(line.startswith("error: ") for line in lines) == 1
+    if only_line:
+        assert len(lines) == 1, out.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[-1], (needle, lines[-1])
+    return lines[-1]
+
+
+# ---------------------------------------------------------------------------------------------------- faults
+
+
+def test_kill_9_during_a_checkpoint_write_resumes_from_the_previous_one(reference, cache_dir, tmp_path):
+    workdir = tmp_path / "killed"
+    out = cli(workdir, cache_dir, EPT_KILL_DURING_CHECKPOINT="15")
+    assert out.returncode == -9, (out.returncode, out.stderr[-3000:])
+    ckpts = workdir / "checkpoints"
+    partial = [p for p in ckpts.iterdir() if p.name.startswith("15.orbax-checkpoint-tmp")]
+    assert len(partial) == 1  # written (at least the host record the hook waited for), never committed
+    assert [f for d in partial[0].glob("host*") for f in d.iterdir() if f.is_file()], list(partial[0].rglob("*"))
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["10", "5"]
+    assert records(workdir)[-1]["step"] == 15  # metrics past the last checkpoint: cut back on resume
+
+    out = cli(workdir, cache_dir)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert f"resumed from {ckpts / '10'} at step 10" in out.stderr
+    assert not partial[0].exists()
+    assert_identical_runs(workdir, reference)
+
+
+def test_nan_loss_skip_policy_counts_and_finishes_finite(reference, cache_dir, tmp_path):
+    workdir = tmp_path / "skip"
+    out = cli(workdir, cache_dir, ["--config.train.nan_policy=skip"], EPT_NAN_AT_STEPS="7,8")
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "non-finite loss or gradients at step(s) [7, 8]: skipped" in out.stderr
+    recs = [r for r in records(workdir) if "loss" in r]
+    assert [(r["step"], r["skipped_steps"]) for r in recs] == [(5, 0), (10, 2), (15, 2), (20, 2)]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in recs)
+    assert json.loads((workdir / "results.json").read_text())["skipped_steps"] == 2
+    # before the fault identical to the reference; the skipped updates change what follows, never to NaN
+    assert_same_params(params(workdir / "checkpoints/5/params"), params(reference / "checkpoints/5/params"), "5")
+    final = params(workdir / f"checkpoints/{STEPS}/params")
+    assert all(np.isfinite(v).all() for v in final.values())
+    ref_final = params(reference / f"checkpoints/{STEPS}/params")
+    assert any(not np.array_equal(final[k], ref_final[k]) for k in final)
+
+
+def test_nan_loss_stop_policy_is_one_line_and_keeps_the_last_checkpoint(reference, cache_dir, tmp_path):
+    workdir = tmp_path / "stop"
+    out = cli(workdir, cache_dir, ["--config.train.nan_policy=stop"], EPT_NAN_AT_STEPS="13")
+    last = assert_one_line_refusal(out, only_line=False)  # after the progress logged before the fault
+    assert last.startswith("error: NonFiniteLossError: the loss or gradients became NaN/Inf at step 13")
+    assert f"the last checkpoint ({workdir / 'checkpoints' / '10'}) is intact" in last
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "5"]
+    assert records(workdir)[-1]["step"] == 10 and not (workdir / "results.json").exists()
+    assert_same_params(params(workdir / "checkpoints/10/params"), params(reference / "checkpoints/10/params"), "10")
+    # nothing lost: the same command without the fault resumes there and ends as the uninterrupted run
+    out = cli(workdir, cache_dir, ["--config.train.nan_policy=stop"])
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "at step 10" in out.stderr
+    assert_identical_runs(workdir, reference)
+
+
+def test_checkpoint_of_another_adapter_config_is_refused(reference, cache_dir):
+    # same parameter shapes, another routing: only the saved identity can tell (never a silent restore)
+    before = snapshot(reference)
+    out = cli(reference, cache_dir, ["--config.adapter.top_k=1", "--allow_config_change"])
+    assert_one_line_refusal(out, "was written for another model or adapter", "adapter.top_k: checkpoint 2, run 1",
+                            "nothing was restored", only_line=False)  # after the accepted change's warning
+    assert snapshot(reference) == before
+
+
+def test_workdir_of_another_config_is_refused(reference, cache_dir):
+    before = snapshot(reference)
+    out = cli(reference, cache_dir, ["--config.train.learning_rate=0.5"])
+    assert_one_line_refusal(out, "holds a run with another config", "train.learning_rate: saved 0.01, now 0.5",
+                            "--allow_config_change")
+    assert snapshot(reference) == before
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+BAD_OVERRIDES = {
+    "unknown_key": (["--config.train.stepz=3"], ["unknown config key 'train.stepz'", "checkpoint_every"]),
+    "reference_kernel_1": (["--config.adapter.expert_kernel_sizes=(1,2)"],
+                           ["expert_kernel_sizes=(1, 2)", "must be >= 2"]),
+    "paper_kernel_3": (["--config.adapter.variant=paper", "--config.adapter.expert_kernel_sizes=(2,3)"],
+                       ["expert_kernel_sizes=(2, 3)", "[3] do not divide d_in=64 and d_out=64"]),
+    "top_k": (["--config.adapter.top_k=5"], ["top_k=5", "accepted 1..4"]),
+    "task_rows": (["--config.adapter.n_task_rows=3"], ["n_tasks=4 > n_task_rows=3"]),
+    "unknown_task": (["--config.data.tasks=('syn_copy','syn_nope')"], ["unknown task 'syn_nope'", "syn_reverse"]),
+    "tokenizer_vocab": (["--config.model.arch.vocab_size=300"],
+                        ["has 384 tokens but the model's vocabulary holds 300"]),
+    "tokenizer_eos": (["--config.model.arch.eos_token_id=2"], ["eos_token_id=1", "eos_token_id=2"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OVERRIDES))
+def test_bad_config_is_one_line_and_leaves_nothing(case, cache_dir, tmp_path):
+    args, needles = BAD_OVERRIDES[case]
+    workdir = tmp_path / "run"
+    out = cli(workdir, cache_dir, args)
+    assert_one_line_refusal(out, *needles)
+    assert not workdir.exists(), sorted(p.name for p in workdir.rglob("*"))
+
+
+def _glue_dir(root: Path, *, drop: str | None = None, validation_rows: int = 6) -> Path:
+    """A tiny saved ``rte`` DatasetDict (``root/rte``), optionally without a column or with fewer rows."""
+    import datasets
+
+    def split(n):
+        cols = {"sentence1": [f"a{i}." for i in range(n)], "sentence2": [f"b{i}." for i in range(n)],
+                "label": [i % 2 for i in range(n)], "idx": list(range(n))}
+        if drop:
+            cols.pop(drop)
+        return datasets.Dataset.from_dict(cols)
+
+    datasets.DatasetDict({"train": split(16), "validation": split(validation_rows)}).save_to_disk(str(root / "rte"))
+    return root
+
+
+@pytest.mark.parametrize(
+    "kind, needles",
+    [
+        ("missing_column", ["task 'rte'", "missing column(s) ['sentence2']", "required:"]),
+        ("empty_split", ["'validation'", "is empty (0 rows)"]),
+    ],
+    ids=["missing_column", "empty_split"],
+)
+def test_bad_dataset_is_one_line(kind, needles, cache_dir, tmp_path):
+    data = _glue_dir(tmp_path / "glue", drop="sentence2" if kind == "missing_column" else None,
+                     validation_rows=0 if kind == "empty_split" else 6)
+    glue = ["--config.data.source=glue", "--config.data.tasks=('rte',)", f"--config.data.path={data}"]
+    workdir = tmp_path / "run"
+    out = cli(workdir, cache_dir, glue)
+    assert_one_line_refusal(out, *needles)
+    assert not workdir.exists()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The smoke T5 as a Hugging Face directory (config.json + model.safetensors), loadable as it is."""
+    from safetensors.numpy import save_file
+
+    from configs.smoke import SMOKE_ARCH
+    from ept_jax.checkpoints.hf import export_from
+    from ept_jax.checkpoints.t5_map import hf_rules
+    from ept_jax.models.t5 import T5Config, T5Model, from_pretrained
+
+    root = tmp_path_factory.mktemp("model") / "t5"
+    root.mkdir()
+    cfg = T5Config.from_hf(dict(SMOKE_ARCH))
+    from flax import nnx
+
+    save_file(export_from(T5Model(cfg, rngs=nnx.Rngs(0)), hf_rules(cfg)), str(root / "model.safetensors"))
+    (root / "config.json").write_text(json.dumps(SMOKE_ARCH))
+    from_pretrained(root)  # the intact directory loads: the defects below are the only ones
+    return root
+
+
+@pytest.mark.parametrize("defect", ["no_weights", "wrong_shape"])
+def test_bad_model_directory_is_one_line(defect, model_dir, cache_dir, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    bad = tmp_path / "model"
+    shutil.copytree(model_dir, bad)
+    if defect == "no_weights":
+        (bad / "model.safetensors").unlink()
+        needles = [f"model directory {str(bad)!r} has no weights", "model.safetensors"]
+    else:
+        tensors = load_file(str(bad / "model.safetensors"))
+        key = "encoder.block.0.layer.0.SelfAttention.q.weight"
+        tensors[key] = np.zeros((32, 64), np.float32)
+        save_file(tensors, str(bad / "model.safetensors"))
+        needles = ["does not match the model", f"{key}: checkpoint (64, 32) (after conversion), model (64, 64)"]
+    workdir = tmp_path / "run"
+    out = cli(workdir, cache_dir, ["--config.model.random_init=False", f"--config.model.name_or_path={bad}"])
+    assert_one_line_refusal(out, *needles)
+    assert not workdir.exists()
+
+
+def test_checkpoint_identity_reads_absent_adapter_options_as_their_defaults():
+    """A checkpoint written before an adapter option existed restores when the run keeps that option's default,
+    and is refused, naming it, when the run changes it."""
+    import dataclasses
+
+    from ept_jax.adapters import AdapterConfig
+    from train.checkpointing import identity_mismatches
+
+    run = {"format": 1, "family": "t5", "tasks": ["syn_copy"],
+           "adapter": json.loads(json.dumps(dataclasses.asdict(AdapterConfig())))}
+    old = json.loads(json.dumps(run))
+    del old["adapter"]["trex_r1"]
+    assert identity_mismatches(old, run) == []
+    changed = json.loads(json.dumps(run))
+    changed["adapter"]["trex_r1"] = 3
+    assert identity_mismatches(old, changed) == ["adapter.trex_r1: checkpoint 4, run 3"]
+    old["adapter"]["r"] = 4
+    assert identity_mismatches(old, run) == ["adapter.r: checkpoint 4, run 8"]
