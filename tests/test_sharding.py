@@ -1,5 +1,5 @@
 """Mesh construction and the logical-axis rules table (the multi-device equality tests live in test_train_mesh.py
-and test_models_sharding.py, in subprocesses with 8 simulated CPU devices)."""
+and test_sharding_equivalence.py, in subprocesses with 8 simulated CPU devices)."""
 
 import os
 import subprocess

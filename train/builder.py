@@ -12,7 +12,7 @@ from ept_jax.models import build
 from ept_jax.nn import Injection, KeyStream
 
 # ConfigDict keys under `adapter` that are not AdapterConfig fields.
-INJECTION_KEYS = ("targets", "contrastive_lambda", "contrastive_stacks")
+INJECTION_KEYS = ("targets", "contrastive_lambda", "contrastive_stacks", "trex_embedder")
 
 
 def adapter_config(config) -> AdapterConfig:
@@ -46,19 +46,24 @@ def injection(config) -> Injection | None:
 
 
 def _arch(config) -> dict:
-    """The architecture dict: the local checkpoint's config.json when at hand, else ``config.model.arch``."""
+    """The architecture dict: the local checkpoint's config.json when at hand, else ``config.model.arch``; with
+    ``model.num_layers`` (LLaMA truncation, as ``train.state.build_model`` applies it) the depth is cut to it."""
     from ept_jax.checkpoints.hf import read_config
 
     p = Path(str(config.model.name_or_path)).expanduser()
     if (p / "config.json").is_file():
-        return read_config(p)
-    arch = config.model.get("arch")
-    if not arch:
-        raise ValueError(
-            f"model.name_or_path={str(config.model.name_or_path)!r} has no local config.json and the config records "
-            "no model.arch to build the model from"
-        )
-    return dict(arch)
+        arch = read_config(p)
+    else:
+        arch = config.model.get("arch")
+        if not arch:
+            raise ValueError(
+                f"model.name_or_path={str(config.model.name_or_path)!r} has no local config.json and the config "
+                "records no model.arch to build the model from"
+            )
+    arch = dict(arch)
+    if config.model.get("num_layers") is not None and str(config.model.family) == "llama":
+        arch["num_hidden_layers"] = int(config.model.num_layers)
+    return arch
 
 
 def random_model(config, *, rngs: nnx.Rngs | KeyStream | None = None):

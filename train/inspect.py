@@ -15,9 +15,16 @@ from ml_collections import config_flags
 
 from ept_jax.inspection import parameter_summary
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
-_JSON = flags.DEFINE_bool("json", False, "print one JSON object")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "full tracebacks on errors")
+_CONFIG = _JSON = _VERBOSE = None  # absl flag holders, defined by _define_flags() when run as a program
+
+
+def _define_flags() -> None:
+    """Defines the command-line flags. Only when run as a program: importing this module (for
+    :func:`summarize`) next to ``train.main``, which defines ``--config`` too, must not clash."""
+    global _CONFIG, _JSON, _VERBOSE
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
+    _JSON = flags.DEFINE_bool("json", False, "print one JSON object")
+    _VERBOSE = flags.DEFINE_bool("verbose", False, "full tracebacks on errors")
 
 
 def summarize(config) -> dict:
@@ -68,4 +75,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
