@@ -1,0 +1,213 @@
+"""``python -m benchmarks.run [--quick] [--out benchmarks/results/<machine>.json]``: every row, one process.
+
+Per model (``benchmarks.setups``: T5-small-sized and SmolLM2-135M, random weights; ``--quick``: two tiny ones),
+all at the same batch and lengths:
+
+1. ``limit``: frozen base forward + gradient to the input embeddings (no weight gradient);
+2. ``ept_reference`` / ``ept_paper``: the program's EPT training step (fast path) of each variant;
+3. ``ept_materialized``: the reference variant through materialised per-task deltas;
+4. ``lora``: ept_jax LoRA at the same rank;
+5. ``torch_peft_lora``: transformers + PEFT LoRA on the same weights and batch, one AdamW step;
+6. ``generate_base`` / ``generate_merged`` / ``generate_unmerged``: greedy tokens/s;
+
+plus the sweeps: ``limit``, ``ept_reference`` and ``lora`` at the other sequence lengths (``sweep="seq_len"``) and
+``ept_reference`` with fewer experts (``sweep="experts"``). Each time is the median of ``--reps`` (>= 5, 2 with
+``--quick``) calls after a warm-up; compile time is recorded apart. ``--quick`` (tiny models, a smoke test of the
+harness whose timings mean nothing) also compiles with ``--xla_backend_optimization_level=0`` unless
+``XLA_FLAGS`` sets that flag.
+
+Output (JSON): ``schema``, ``command``, ``quick``, ``reps``, ``warmup``, ``dtype``, ``xla_flags``, ``machine``
+(``benchmarks.measure.machine``), ``models`` (architecture and shapes of each), ``rows`` (every row: ``id``,
+``model``, ``row``, ``kind``, ``framework``, ``shapes``, ``status``/``reason``, ``median_s``, ``times_s``,
+``compile_s``, ``memory``, ``tokens_per_s``, ``flops_per_call``, ``mfu``, ``params``, ``sweep``, ``n_experts``),
+``ratios`` (each: ``name``, ``model``, ``numerator``/``denominator`` row ids, ``value`` = the medians' quotient,
+``target``, ``met``) and ``elapsed_s``. Errors a user can cause print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEMA = 1
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# (name, numerator row, denominator row, target: value <= target, or None for information only)
+RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
+    ("ept_reference/lora", "ept_reference", "lora", 1.15),
+    ("ept_paper/lora", "ept_paper", "lora", 1.15),
+    ("ept_reference/limit", "ept_reference", "limit", 1.3),
+    ("ept_paper/limit", "ept_paper", "limit", 1.3),
+    ("lora/limit", "lora", "limit", None),
+    ("ept_materialized/ept_reference", "ept_materialized", "ept_reference", None),
+    ("generate_merged/generate_base", "generate_merged", "generate_base", 1.03),
+    ("generate_unmerged/generate_base", "generate_unmerged", "generate_base", None),
+    ("ept_reference/torch_peft_lora", "ept_reference", "torch_peft_lora", 1.0),
+    ("ept_paper/torch_peft_lora", "ept_paper", "torch_peft_lora", 1.0),
+    ("lora/torch_peft_lora", "lora", "torch_peft_lora", None),
+)
+
+ADAPTERS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("ept_reference", {"kind": "ept", "variant": "reference", "forward_path": "fast"}),
+    ("ept_paper", {"kind": "ept", "variant": "paper", "forward_path": "fast"}),
+    ("ept_materialized", {"kind": "ept", "variant": "reference", "forward_path": "materialized"}),
+    ("lora", {"kind": "lora"}),
+)
+SEQ_SWEPT = ("limit", "ept_reference", "lora")
+QUICK_XLA_FLAG = "--xla_backend_optimization_level=0"
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The :data:`RATIOS` of every model from its main-shape rows (``value`` None, with the reason, when a row did
+    not run). A generation ratio is a time ratio: merged/base > 1 means merged decoding is slower."""
+    out = []
+    main = {(r["model"], r["row"]): r for r in rows if r["sweep"] == "main"}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for name, num, den, target in RATIOS:
+            a, b = main.get((model, num)), main.get((model, den))
+            rec = {"name": name, "model": model, "numerator": a and a["id"], "denominator": b and b["id"],
+                   "value": None, "target": target, "met": None, "reason": None}
+            if a is None or b is None or a["status"] != "ok" or b["status"] != "ok":
+                missing = [x for x, r in ((num, a), (den, b)) if r is None or r["status"] != "ok"]
+                reasons = [r["reason"] for r in (a, b) if r is not None and r.get("reason")]
+                rec["reason"] = f"row(s) {missing} did not run" + (f": {'; '.join(reasons)}" if reasons else "")
+            else:
+                rec["value"] = a["median_s"] / b["median_s"]
+                rec["met"] = None if target is None else bool(rec["value"] <= target)
+            out.append(rec)
+    return out
+
+
+def run_model(spec, *, reps: int, warmup: int, dtype: str, torch_peer: bool, log) -> list[dict[str, Any]]:
+    """Every row of one model (order: limit, adapters, generation, the PyTorch peer)."""
+    from benchmarks import jax_rows, setups
+    from benchmarks import torch_peer as peer
+
+    hf = setups.hf_model(spec)
+    tensors = setups.hf_tensors(hf)
+    seqs = (spec.seq, *spec.seq_sweep)
+    kw = dict(reps=reps, warmup=warmup, dtype=dtype)
+    rows = jax_rows.limit_rows(spec, tensors, seqs, **kw)
+    for r in rows:
+        r["sweep"] = "main" if r["shapes"] == spec.shapes() else "seq_len"
+    log(rows)
+    ept_state = None
+    n_all = len(spec.kernel_sizes)
+    for name, adapter in ADAPTERS:
+        todo = seqs if name in SEQ_SWEPT else (spec.seq,)
+        new, st = jax_rows.train_rows(spec, name, adapter, tensors, todo, n_experts=n_all, **kw)
+        for r in new:
+            r["sweep"] = "main" if r["shapes"] == spec.shapes() else "seq_len"
+        rows += new
+        log(new)
+        if name == "ept_reference":
+            ept_state = st
+        del st
+        gc.collect()
+    for n in spec.expert_sweep:
+        adapter = {**dict(ADAPTERS)["ept_reference"], "expert_kernel_sizes": spec.kernels(n)}
+        new, st = jax_rows.train_rows(spec, "ept_reference", adapter, tensors, (spec.seq,), n_experts=n,
+                                      sweep="experts", **kw)
+        del st
+        rows += new
+        log(new)
+    gen = jax_rows.generation_rows(spec, tensors, ept_state, **kw)
+    rows += gen
+    log(gen)
+    del ept_state, gen
+    gc.collect()
+    base = next(r for r in rows if r["row"] == "limit" and r["sweep"] == "main")
+    if torch_peer:
+        config = setups.bench_config(spec, dict(ADAPTERS)["lora"], dtype=dtype)
+        t = peer.peft_row(spec, hf, config, reps=reps, warmup=warmup, base_row=base)
+    else:
+        t = jax_rows.row(spec, "torch_peft_lora", "train", spec.shapes(), framework="torch", status="skipped",
+                         reason="--no-torch")
+    if dtype != "float32" and t["status"] == "ok":
+        t["reason"] = f"the PyTorch peer runs float32; the JAX rows {dtype}"
+    rows.append(t)
+    log([t])
+    return rows
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny models, 2 repetitions (the CI smoke of the harness)")
+    p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<machine>[_quick].json)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per row (default 5; --quick 2)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones (default 1)")
+    p.add_argument("--models", default=None, help="comma-separated subset of the models (default all)")
+    p.add_argument("--dtype", default="float32", help="compute dtype of the JAX rows: float32 or bfloat16")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch + PEFT row (recorded as skipped)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the benchmark; returns the exit status (2 for a bad argument, with one line on stderr)."""
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    from benchmarks import measure, setups
+
+    try:
+        reps = args.reps if args.reps is not None else (2 if args.quick else 5)
+        if reps < 1 or args.warmup < 0:
+            raise ValueError(f"--reps={reps} --warmup={args.warmup}: need reps >= 1 and warmup >= 0")
+        if not args.quick and reps < 5:
+            print(f"warning: --reps={reps} < 5: medians of fewer than 5 repetitions are a smoke test, not results",
+                  file=sys.stderr)
+        if args.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--dtype={args.dtype!r}: accepted 'float32', 'bfloat16'")
+        names = tuple(n.strip() for n in args.models.split(",") if n.strip()) if args.models else None
+        models = setups.specs(args.quick, names)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.quick and QUICK_XLA_FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        # Quick mode checks the harness, its timings mean nothing, and XLA's CPU compile of ~30 programs
+        # is nearly all its time: LLVM at -O0 cuts that by about 40%. Read when the backend starts.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + QUICK_XLA_FLAG).strip()
+    info = measure.machine()
+    default = RESULTS_DIR / f"{measure.machine_slug(info)}{'_quick' if args.quick else ''}.json"
+    out = Path(args.out) if args.out else default
+    t0 = time.time()
+
+    def log(rows):
+        for r in rows:
+            med = "skipped: " + str(r["reason"]) if r["status"] != "ok" else f"{r['median_s'] * 1e3:9.2f} ms"
+            comp = f"  compile {r['compile_s']:.1f}s" if r.get("compile_s") else ""
+            print(f"[{time.time() - t0:7.1f}s] {r['id']:<60} {med}{comp}", flush=True)
+
+    rows: list[dict[str, Any]] = []
+    for spec in models:
+        rows += run_model(spec, reps=reps, warmup=args.warmup, dtype=args.dtype, torch_peer=not args.no_torch,
+                          log=log)
+    result = {
+        "schema": SCHEMA,
+        "command": "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),
+        "quick": args.quick,
+        "reps": reps,
+        "warmup": args.warmup,
+        "dtype": args.dtype,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "machine": info,
+        "models": {s.name: {"family": s.family, "arch": s.arch, "targets": list(s.targets),
+                            "kernel_sizes": list(s.kernel_sizes), "shapes": s.shapes(), "n_tasks": setups.N_TASKS,
+                            "generation": {"prompt_len": s.gen_prompt, "new_tokens": s.gen_new}} for s in models},
+        "rows": rows,
+        "ratios": ratios(rows),
+        "elapsed_s": time.time() - t0,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out} ({len(rows)} rows, {result['elapsed_s']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""``python -m benchmarks.table results.json``: the Markdown tables of a ``benchmarks.run`` result for the README.
+
+Per model: every main-shape row (median, tokens/s, compile time, memory, MFU when known), the target ratios, and
+the sequence-length and expert-count sweeps; the machine and the exact command head the section.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+WHAT = {
+    "limit": "frozen base fwd + grad to inputs (the limit)",
+    "ept_reference": "EPT step, reference variant, fast path",
+    "ept_paper": "EPT step, paper variant, fast path",
+    "ept_materialized": "EPT step, reference, materialised delta",
+    "lora": "LoRA step (ept_jax), same rank",
+    "torch_peft_lora": "PyTorch + PEFT LoRA step, same rank",
+    "generate_base": "greedy generation, base model",
+    "generate_merged": "greedy generation, EPT merged (task 0)",
+    "generate_unmerged": "greedy generation, EPT unmerged (routed)",
+}
+
+
+def _mib(x) -> str:
+    return "-" if x is None else f"{x / 2**20:.1f}"
+
+
+def _num(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def machine_line(result: dict[str, Any]) -> str:
+    """One line naming the machine: CPU model and cores, JAX backend and device kind, versions."""
+    m = result["machine"]
+    v = m.get("versions", {})
+    dev = m["jax_device_kind"] if m["jax_backend"] != "cpu" else "CPU"
+    return (f"{dev} ({m['jax_backend']}, {m['jax_device_count']} device(s)); host {m['cpu_model']}, "
+            f"{m['cpu_usable']} of {m['cpu_count']} cores; jax {v.get('jax')}, flax {v.get('flax')}, "
+            f"torch {v.get('torch')}, transformers {v.get('transformers')}, peft {v.get('peft')}")
+
+
+def _shape(shapes: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in shapes.items())
+
+
+def model_tables(result: dict[str, Any], model: str) -> list[str]:
+    """The Markdown lines of one model: rows, ratios, sweeps."""
+    rows = [r for r in result["rows"] if r["model"] == model]
+    info = result["models"][model]
+    lines = [f"#### {model} ({info['family']}; {_shape(info['shapes'])}; {info['n_tasks']} tasks; EPT kernels "
+             f"{tuple(info['kernel_sizes'])}; adapted {', '.join(info['targets'])})", "",
+             "| row | what | median ms | tokens/s | compile s | XLA peak MiB | RSS delta MiB | MFU |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r["sweep"] != "main":
+            continue
+        mem = r.get("memory") or {}
+        if r["status"] != "ok":
+            lines.append(f"| {r['row']} | {WHAT.get(r['row'], '')} | skipped: {r['reason']} | | | | | |")
+            continue
+        comp = r.get("compile_s") if r.get("compile_s") is not None else r.get("first_call_s")
+        lines.append(
+            f"| {r['row']} | {WHAT.get(r['row'], '')} | {r['median_s'] * 1e3:.2f} | {_num(r['tokens_per_s'], '.0f')} "
+            f"| {_num(comp, '.1f')} | {_mib(mem.get('xla_peak_bytes'))} | {_mib(mem.get('rss_peak_delta_bytes'))} "
+            f"| {_num(r.get('mfu'), '.1%')} |")
+    lines += ["", "| ratio (time / time) | value | target | met |", "| --- | ---: | ---: | --- |"]
+    for q in result["ratios"]:
+        if q["model"] != model:
+            continue
+        value = f"{q['value']:.3f}" if q["value"] is not None else f"- ({q['reason']})"
+        target = f"<= {q['target']}" if q["target"] is not None else "-"
+        met = "-" if q["met"] is None else ("yes" if q["met"] else "**no**")
+        lines.append(f"| {q['name']} | {value} | {target} | {met} |")
+    seq = [r for r in rows if r["kind"] in ("limit", "train") and r["framework"] == "jax" and r["sweep"] in
+           ("main", "seq_len") and r["row"] in ("limit", "ept_reference", "lora")]
+    lengths = sorted({r["shapes"].get("source_len", r["shapes"].get("seq_len")) for r in seq})
+    if len(lengths) > 1:
+        lines += ["", "| median ms by sequence length | " + " | ".join(str(n) for n in lengths) + " |",
+                  "| --- |" + " ---: |" * len(lengths)]
+        for name in ("limit", "ept_reference", "lora"):
+            by = {r["shapes"].get("source_len", r["shapes"].get("seq_len")): r for r in seq if r["row"] == name}
+            cells = [f"{by[n]['median_s'] * 1e3:.2f}" if n in by and by[n]["status"] == "ok" else "-" for n in lengths]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    exp = sorted((r for r in rows if r["row"] == "ept_reference" and r["sweep"] in ("main", "experts")),
+                 key=lambda r: r["n_experts"] or 0)
+    if len(exp) > 1:
+        lines += ["", "| EPT reference step by number of experts | " + " | ".join(str(r["n_experts"]) for r in exp)
+                  + " |", "| --- |" + " ---: |" * len(exp),
+                  "| median ms | " + " | ".join(f"{r['median_s'] * 1e3:.2f}" for r in exp) + " |"]
+    return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The whole section: machine, command, then :func:`model_tables` of every model."""
+    lines = [f"Machine: {machine_line(result)}.", "",
+             f"Command: `{result['command']}` ({result['reps']} timed repetitions after {result['warmup']} warm-up, "
+             f"medians; JAX compute dtype {result['dtype']}; {result['elapsed_s']:.0f} s in all). Times are one "
+             "training step or one `generate` call; a ratio's value is the two medians' quotient. XLA peak: "
+             "`compiled.memory_analysis()`; RSS delta: the process's resident-set growth during the warm-up call.",
+             ""]
+    if result.get("quick"):
+        lines[2:2] = ["**Quick mode: tiny models, the harness's smoke test; these timings measure nothing.**", ""]
+    for model in result["models"]:
+        lines += model_tables(result, model) + [""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Prints the tables of the results file named on the command line; 2 with one line on a bad argument."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m benchmarks.table RESULTS.json", file=sys.stderr)
+        return 2
+    path = Path(argv[0])
+    try:
+        result = json.loads(path.read_text())
+        text = markdown(result)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        print(f"error: {path} is not a readable benchmarks.run result ({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

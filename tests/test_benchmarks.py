@@ -1,0 +1,160 @@
+"""The benchmark harness: ``python -m benchmarks.run --quick`` end to end, and its pieces.
+
+One quick run (a subprocess, as a user runs it) is shared by the module: it must exit 0, write every planned
+row with the documented fields, and its ratios must be the quotients of the rows' medians. No timing is
+asserted anywhere: the numbers are whatever the machine gives.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import measure, run, setups, table
+
+REPO = Path(__file__).resolve().parents[1]
+MAIN_ROWS = {"limit", "ept_reference", "ept_paper", "ept_materialized", "lora", "torch_peft_lora", "generate_base",
+             "generate_merged", "generate_unmerged"}
+ROW_KEYS = {"id", "model", "family", "row", "kind", "framework", "shapes", "status", "reason", "sweep", "n_experts",
+            "median_s", "times_s", "warmup", "compile_s", "memory", "tokens", "tokens_per_s", "flops_per_call", "mfu",
+            "params"}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), out
+
+
+def test_quick_run_schema_and_machine(quick):
+    result, _ = quick
+    assert result["schema"] == run.SCHEMA and result["quick"] is True and result["reps"] == 2
+    assert run.QUICK_XLA_FLAG in result["xla_flags"]
+    m = result["machine"]
+    for key in ("cpu_model", "cpu_count", "cpu_usable", "jax_backend", "jax_device_kind", "versions"):
+        assert m[key] not in (None, ""), key
+    assert m["jax_backend"] == "cpu"
+    assert set(result["models"]) == {s.name for s in setups.QUICK}
+    for row in result["rows"]:
+        assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
+
+
+def test_every_row_ran(quick):
+    result, _ = quick
+    ids = [r["id"] for r in result["rows"]]
+    assert len(ids) == len(set(ids)), "row ids must be unique"
+    for spec in setups.QUICK:
+        rows = [r for r in result["rows"] if r["model"] == spec.name]
+        assert {r["row"] for r in rows if r["sweep"] == "main"} == MAIN_ROWS
+        for r in rows:
+            assert r["status"] == "ok", (r["id"], r["reason"])
+            assert len(r["times_s"]) == 2 and all(t > 0 for t in r["times_s"])
+            assert r["median_s"] == pytest.approx(statistics.median(r["times_s"]))
+            assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["median_s"])
+            if r["framework"] == "jax":
+                assert r["compile_s"] > 0 and r["memory"]["xla_peak_bytes"] > 0, r["id"]
+        # every planned sweep point is there, each with its own shapes or expert count
+        seq = {(r["row"], r["shapes"].get("source_len", r["shapes"].get("seq_len"))) for r in rows
+               if r["sweep"] in ("main", "seq_len")}
+        for name in run.SEQ_SWEPT:
+            for n in (spec.seq, *spec.seq_sweep):
+                assert (name, n) in seq, (name, n)
+        experts = sorted(r["n_experts"] for r in rows
+                         if r["row"] == "ept_reference" and r["sweep"] in ("main", "experts"))
+        assert experts == sorted({*spec.expert_sweep, len(spec.kernel_sizes)})
+        # the PyTorch peer trains what ept_jax's LoRA trains: the same number of adapter parameters
+        by = {r["row"]: r for r in rows if r["sweep"] == "main"}
+        assert by["torch_peft_lora"]["params"]["trainable"] == by["lora"]["params"]["trainable"]
+        assert by["limit"]["params"]["base"] == by["lora"]["params"]["base"] == by["ept_reference"]["params"]["base"]
+        assert by["ept_reference"]["flops_per_call"] == by["limit"]["flops_per_call"] > 0
+
+
+def test_ratios_are_the_quotients_of_the_medians(quick):
+    result, _ = quick
+    rows = {r["id"]: r for r in result["rows"]}
+    assert len(result["ratios"]) == len(run.RATIOS) * len(setups.QUICK)
+    for q in result["ratios"]:
+        num, den = rows[q["numerator"]], rows[q["denominator"]]
+        assert num["model"] == den["model"] == q["model"] and num["sweep"] == den["sweep"] == "main"
+        assert q["value"] == pytest.approx(num["median_s"] / den["median_s"])
+        assert q["met"] == (None if q["target"] is None else q["value"] <= q["target"])
+
+
+def test_table_prints_every_model_row_and_ratio(quick, capsys):
+    result, path = quick
+    assert table.main([str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "Quick mode" in text and result["machine"]["cpu_model"] in text
+    for spec in setups.QUICK:
+        assert f"#### {spec.name}" in text
+    for name in MAIN_ROWS:
+        assert f"| {name} |" in text
+    for name, *_ in run.RATIOS:
+        assert f"| {name} |" in text
+
+
+def test_table_and_run_refuse_bad_input(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert table.main([str(bad)]) == 2
+    assert "not a readable benchmarks.run result" in capsys.readouterr().err
+    assert run.main(["--quick", "--dtype", "float16"]) == 2
+    assert "--dtype='float16'" in capsys.readouterr().err
+    assert run.main(["--quick", "--models", "t5_small"]) == 2
+    assert "accepted ['llama_tiny', 't5_tiny']" in capsys.readouterr().err
+
+
+def test_ratios_of_a_skipped_row_carry_the_reason():
+    spec = setups.QUICK[0]
+    from benchmarks.jax_rows import row
+
+    rows = [row(spec, "ept_reference", "train", spec.shapes(), median_s=2.0),
+            row(spec, "lora", "train", spec.shapes(), median_s=1.0),
+            row(spec, "torch_peft_lora", "train", spec.shapes(), status="skipped", reason="no CUDA torch")]
+    out = {q["name"]: q for q in run.ratios(rows)}
+    assert out["ept_reference/lora"]["value"] == 2.0 and out["ept_reference/lora"]["met"] is False
+    skipped = out["ept_reference/torch_peft_lora"]
+    assert skipped["value"] is None and "no CUDA torch" in skipped["reason"]
+    assert out["ept_reference/limit"]["value"] is None and "limit" in out["ept_reference/limit"]["reason"]
+
+
+def test_peak_flops_table_and_mfu():
+    assert measure.peak_flops("NVIDIA H200", "bfloat16") == 989.4e12
+    assert measure.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756.0e12
+    assert measure.peak_flops("NVIDIA H100 80GB HBM3", "float32") == 494.7e12
+    assert measure.peak_flops("NVIDIA A100-SXM4-80GB", "bfloat16") == 312.0e12
+    assert measure.peak_flops("cpu", "float32") is None and measure.peak_flops("Tesla T4", "float32") is None
+    assert measure.mfu(1e12, 0.5, 4e12) == pytest.approx(0.5)
+    assert measure.mfu(1e12, 0.5, None) is None
+
+
+def test_kernel_prefixes_and_model_names():
+    t5 = setups.FULL[0]
+    assert t5.kernels(2) == (2, 4) and t5.kernels(4) == (2, 4, 8, 16) and t5.kernels(8) == t5.kernel_sizes
+    with pytest.raises(ValueError, match="n_experts=9"):
+        t5.kernels(9)
+    for spec in setups.FULL:  # the paper variant needs every kernel size to divide every adapted width
+        widths = {spec.arch.get("d_model", spec.arch.get("hidden_size")), spec.arch.get("d_ff", 0) or
+                  spec.arch.get("intermediate_size")}
+        assert all(w % k == 0 for w in widths for k in spec.kernel_sizes), spec.name
+    with pytest.raises(ValueError, match="accepted"):
+        setups.specs(False, ("t5_tiny",))
+
+
+def test_time_calls_counts_and_validates():
+    calls = []
+    out = measure.time_calls(lambda: calls.append(1), reps=3, warmup=2, sync=lambda x: x,
+                             sampler=measure.RssSampler())
+    assert len(calls) == 5 and len(out["times_s"]) == 3 and out["warmup"] == 2
+    assert out["rss_peak_delta_bytes"] is None or out["rss_peak_delta_bytes"] >= 0
+    with pytest.raises(ValueError, match="reps=0"):
+        measure.time_calls(lambda: None, reps=0)
