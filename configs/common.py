@@ -12,27 +12,9 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-GLUE_TASKS = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb")
+from configs import archs
 
-# google-t5/t5-base config.json, recorded so the model can be built from abstract shapes offline
-# (train.inspect). When weights are loaded, the checkpoint's own config.json is the architecture.
-T5_BASE_ARCH = {
-    "model_type": "t5",
-    "vocab_size": 32128,
-    "d_model": 768,
-    "d_kv": 64,
-    "d_ff": 3072,
-    "num_layers": 12,
-    "num_heads": 12,
-    "relative_attention_num_buckets": 32,
-    "relative_attention_max_distance": 128,
-    "layer_norm_epsilon": 1e-6,
-    "feed_forward_proj": "relu",
-    "tie_word_embeddings": True,
-    "pad_token_id": 0,
-    "eos_token_id": 1,
-    "decoder_start_token_id": 0,
-}
+GLUE_TASKS = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -44,7 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name_or_path = config_dict.placeholder(str)
     c.model.name_or_path = "google-t5/t5-base"  # hub id or local Hugging Face directory
     c.model.random_init = False  # True: random base weights built from model.arch (smoke runs)
-    c.model.arch = dict(T5_BASE_ARCH)
+    # the default checkpoint's config.json fields, so the model can be built from abstract shapes offline
+    # (train.inspect); when weights are loaded, the checkpoint's own config.json is the architecture
+    c.model.arch = dict(archs.T5_BASE)
     c.model.dtype = "float32"  # activations; T5 is only safe in float32 (see ept_jax.models.t5)
     c.model.param_dtype = "float32"  # frozen base weights
     c.model.num_layers = config_dict.placeholder(int)  # llama: keep only the first N decoder layers (None = all)
