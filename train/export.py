@@ -140,7 +140,8 @@ def workdir_tasks(task: str, names: Sequence[str]) -> int | dict[str, int]:
 
 def export_reference(args: argparse.Namespace) -> list[Path]:
     """The ``--reference-adapter`` mode; returns the directories written."""
-    from ept_jax.checkpoints.export import export_adapter, model_from_reference
+    from ept_jax.checkpoints.export import export_adapter
+    from ept_jax.checkpoints.reference import model_from_reference
 
     sizes = tuple(args.expert_kernel_sizes) if args.expert_kernel_sizes else None
     model, n_rows = model_from_reference(

@@ -18,14 +18,17 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from ept_jax.adapters import EPTAdapter
-from ept_jax.nn import adapted_linears
+from ept_jax.checkpoints import hf
+from ept_jax.nn import AdapterParam, adapted_linears
 
 PREFIX = "base_model.model."
 _KEY = re.compile(
@@ -228,3 +231,136 @@ def load_reference_adapter(model: nnx.Module, directory: str, strict: bool = Tru
         # set_value also fills abstract variables (a model built with nnx.eval_shape)
         var.set_value(jnp.asarray(value, dtype=var.dtype))
     return loaded
+
+
+# --------------------------------------------------------------------------------------------------- a model to export
+
+# The released implementation trains with top-2 routing; the file does not record it (kernel sizes are read off
+# the saved tensors).
+RELEASE_TOP_K = 2
+
+
+def model_from_reference(
+    adapter_dir: str | os.PathLike,
+    base: str | os.PathLike,
+    *,
+    expert_kernel_sizes: tuple[int, ...] | None = None,
+    top_k: int | None = RELEASE_TOP_K,
+    dtype: str = "float32",
+) -> tuple[nnx.Module, int]:
+    """Loads ``base`` with the adapter the released PyTorch EPT saved in ``adapter_dir`` (ready to export).
+
+    The release's own delta cannot be merged (its shape is wrong); ours can, and the reference variant's task
+    delta is exactly of rank ``r * top_k``. The model gets ``AdapterConfig(kind="ept", variant="reference")``
+    with ``r`` and ``lora_alpha`` from the release's ``adapter_config.json``, the adapted Linears and the
+    number of task rows from its tensors, and the adapter imported by
+    ``checkpoints.reference.load_reference_adapter``.
+
+    Args:
+      adapter_dir: the release's directory (``adapter_model.safetensors`` or ``.bin``,
+        ``adapter_config.json``).
+      base: the base model directory (or hub id) the adapter was trained on.
+      expert_kernel_sizes: the experts' kernel sizes; None reads them off the saved kernels (given, they must
+        agree with them).
+      top_k: experts mixed per task (the release trains with 2; the file does not record it); None = dense.
+      dtype: the model's compute and parameter dtype (``"float32"`` or ``"bfloat16"``).
+    Returns:
+      ``(model, n_task_rows)``: every task-embedding row is a task id ``0 <= id < n_task_rows``.
+    Raises:
+      ExportError: missing files or settings, or kernel sizes that contradict the file.
+      ValueError / CheckpointError: the adapter does not fit the base (named by ``load_reference_adapter``).
+    """
+    from ept_jax.adapters import AdapterConfig
+    from ept_jax.checkpoints.export import ExportError
+    from ept_jax.nn import Injection
+
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise ExportError(f"reference adapter directory {str(adapter_dir)!r} does not exist")
+    try:
+        meta, modules = read_reference_adapter(str(adapter_dir))
+    except FileNotFoundError as e:
+        raise ExportError(str(e)) from e
+    if not modules:
+        raise ExportError(
+            f"{adapter_dir}: the adapter file holds no EPT module (no lora_A / lora_expert_kernels keys)"
+        )
+    missing = [k for k in ("r", "lora_alpha") if k not in meta]
+    if missing:
+        raise ExportError(
+            f"{adapter_dir / 'adapter_config.json'} is missing or lacks {missing}: the release writes r and "
+            "lora_alpha there, and the adapter's scale lora_alpha / r cannot be recovered from the tensors"
+        )
+    found = meta["expert_kernel_sizes"]
+    if expert_kernel_sizes is None:
+        if found is None:
+            raise ExportError(
+                f"{adapter_dir}: the modules' expert kernels disagree; pass the kernel sizes explicitly"
+            )
+        expert_kernel_sizes = tuple(found)
+    elif found is not None and tuple(expert_kernel_sizes) != tuple(found):
+        raise ExportError(
+            f"expert kernel sizes {list(expert_kernel_sizes)} contradict the saved kernels, whose sizes are "
+            f"{list(found)}"
+        )
+    rows = {int(m["task_embedding"].shape[0]) for m in modules.values() if "task_embedding" in m}
+    if len(rows) != 1:
+        raise ExportError(f"{adapter_dir}: task embeddings of {sorted(rows)} rows; expected one row count")
+    n_rows = rows.pop()
+    cfg = AdapterConfig(
+        kind="ept",
+        variant="reference",
+        r=int(meta["r"]),
+        alpha=float(meta["lora_alpha"]),
+        expert_kernel_sizes=tuple(int(k) for k in expert_kernel_sizes),
+        top_k=top_k,
+        n_tasks=n_rows,
+        n_task_rows=n_rows,
+        dropout=0.0,
+        param_dtype=dtype,
+    )
+    targets = tuple(sorted({path.rsplit(".", 1)[-1] for path in modules}))
+    model = _base_with_abstract_adapters(base, Injection(adapter=cfg, targets=targets), dtype)
+    load_reference_adapter(model, str(adapter_dir))
+    abstract = [
+        hf.path_str(p)
+        for p, v in nnx.iter_graph(model)
+        if isinstance(v, nnx.Variable) and isinstance(v.get_value(), jax.ShapeDtypeStruct)
+    ]
+    if abstract:  # load_reference_adapter is strict, so this would be a bug, not a user error
+        raise RuntimeError(f"parameters left unset after loading the reference adapter: {abstract[:5]}")
+    return model, n_rows
+
+
+def _base_with_abstract_adapters(base: str | os.PathLike, injection, dtype: str) -> nnx.Module:
+    """``base`` loaded strictly with ``injection``'s adapters left abstract (``jax.ShapeDtypeStruct``).
+
+    The release's tensors replace every adapter parameter, so initialising them first (which compiles an
+    initialiser for the whole model) would be spent for nothing; ``load_reference_adapter`` fills abstract
+    variables.
+    """
+    from ept_jax.models import family_of
+
+    model_dir = hf.resolve_model_dir(base)
+    config = hf.read_config(model_dir)
+    if family_of(config.get("model_type", "")) == "t5":
+        from ept_jax.checkpoints.t5_map import hf_ignore, hf_rules
+        from ept_jax.models.t5 import T5Config as Config
+        from ept_jax.models.t5 import T5Model as Model
+    else:
+        from ept_jax.checkpoints.llama_map import hf_ignore, hf_rules
+        from ept_jax.models.llama import LlamaConfig as Config
+        from ept_jax.models.llama import LlamaModel as Model
+    try:
+        cfg = Config.from_hf(config)
+    except ValueError as e:
+        raise hf.CheckpointError(f"{model_dir}: {e}") from e
+    tensors = hf.read_tensors(model_dir)
+    abstract = nnx.eval_shape(
+        lambda: Model(cfg, injection=injection, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+    )
+    graphdef, base_state, rest = nnx.split(abstract, nnx.All(nnx.Param, nnx.Not(AdapterParam)), ...)
+    base_state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), base_state)
+    model = nnx.merge(graphdef, base_state, rest)
+    hf.load_into(model, tensors, hf_rules(cfg), ignore=hf_ignore(cfg), source=str(model_dir))
+    return model
