@@ -33,6 +33,7 @@ from ept_jax.adapters import (
     register_adapter,
     validate,
 )
+from ept_jax.lowrank import lowrank
 from ept_jax.nn import Adapter, AdapterContext, AdapterParam, param
 
 Array = jax.Array
@@ -64,7 +65,7 @@ class LoRAAdapter(Adapter):
             raise ValueError(f"adapter input of shape {x.shape}: expected (..., {self.d_in})")
         x = dropout(x, self.cfg.dropout, ctx)
         a, b = self.A[...].astype(x.dtype), self.B[...].astype(x.dtype)
-        return (x @ a.T) @ (b.T * jnp.asarray(self.cfg.scale, x.dtype))
+        return lowrank(x, a.T, b.T * jnp.asarray(self.cfg.scale, x.dtype))
 
     def merge(self, task: int | Array = 0) -> Array:
         """``(alpha / r) * B @ A`` ``(d_out, d_in)``, the same for every task."""

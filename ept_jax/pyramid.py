@@ -45,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ept_jax.lowrank import lowrank_per_example
+
 Array = jax.Array
 
 EXPANSIONS = ("reference", "paper")
@@ -470,8 +472,7 @@ def forward_fast(p: Pyramid, x: Array, A, B, kernels: Sequence[Array], weights: 
     """
     if p.expansion == "reference":
         a_cat, w = reference_fused_factors(p, A, B, kernels, weights)
-        u = x[..., : a_cat.shape[1]] @ a_cat.T  # (Bt, ..., n_groups * r)
-        return jnp.einsum("b...q,bqo->b...o", u, w.astype(x.dtype))
+        return lowrank_per_example(x[..., : a_cat.shape[1]], a_cat.T.astype(x.dtype), w.astype(x.dtype))
     y = jnp.zeros(x.shape[:-1] + (p.d_out,), x.dtype)
     for k, members in p.groups:
         a_g, b_g = _group_seed(p, A, B, members)
