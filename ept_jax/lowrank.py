@@ -5,8 +5,9 @@ matmuls on the activations. Their automatic transpose computes the first factor'
 ``x.T @ (g @ Q.T)``: the big activation ``x (T, d_in)`` is the *left* operand contracted over its major (token)
 axis, and XLA's CPU backend materialises ``x.T`` for it, fusing whatever produced ``x`` (dropout's random bits,
 an activation's derivative) into that strided copy; on a 2-core CPU this made the T5-small LoRA step (rank 8,
-dropout 0.1) about 1.5 x slower than with the backward below (see the README's Benchmarks section). The backward forms ``(G.T @ x).T`` instead: the small ``G (T, r)`` is transposed, the big
-operand is read in its natural ``[K, N]`` layout. The values are the same products in another order (tested to
+dropout 0.1) about 1.5 x slower than with the backward below (see the README's Benchmarks section). The
+backward forms ``(G.T @ x).T`` instead: the small ``G (T, r)`` is transposed, the big operand is read in its
+natural ``[K, N]`` layout. The values are the same products in another order (tested to
 float64 rounding against ``jax.grad`` of the plain expressions); on accelerators both forms are native.
 
 Shapes: ``T`` tokens (all leading axes flattened), ``B`` batch, ``S`` tokens per example, ``d_in``/``d_out`` the
