@@ -135,7 +135,8 @@ def train_rows(spec: ModelSpec, name: str, adapter: dict[str, Any], tensors: dic
     """The program's training step for ``adapter`` at each sequence length of ``seqs``; also returns the state.
 
     ``make_train_step`` donates ``trainable`` and ``opt_state``: each call's outputs feed the next, and the
-    returned state holds the last ones.
+    returned state holds the last ones. The compiled program is called on the states' leaves, as ``train.loop``
+    calls it (``TrainStep.advance``).
     """
     config = setups.bench_config(spec, adapter, dtype=dtype)
     model = setups.jax_model(config, tensors)
@@ -153,15 +154,17 @@ def train_rows(spec: ModelSpec, name: str, adapter: dict[str, Any], tensors: dic
     for seq in seqs:
         shapes = spec.shapes(seq)
         batch = {k: jax.device_put(v, batch_sh) for k, v in setups.train_batch(spec, seq).items()}
-        compiled, compile_s = measure.compile_jit(step_fn, st.trainable, st.opt_state, st.frozen, batch, step)
-        holder = {"tr": st.trainable, "opt": st.opt_state}
+        flat = step_fn.flatten(st)
+        compiled, compile_s = measure.compile_jit(step_fn.jitted, flat.trainable, flat.opt_state, flat.frozen,
+                                                  batch, step)
 
-        def call(c=compiled, b=batch, h=holder):
-            h["tr"], h["opt"], metrics = c(h["tr"], h["opt"], st.frozen, b, step)
-            return h["tr"], metrics
+        def call(c=compiled, b=batch, f=flat):
+            # As train.loop: the states' leaves go in and come out, no nnx.State is rebuilt per step.
+            f.trainable, f.opt_state, metrics = c(f.trainable, f.opt_state, f.frozen, b, step)
+            return f.trainable, metrics
 
         timing = measure.time_calls(call, reps=reps, warmup=warmup, sampler=_sampler())
-        st.trainable, st.opt_state = holder["tr"], holder["opt"]
+        step_fn.sync(flat, st)
         r = row(spec, name, "train", shapes, sweep=sweep, n_experts=n_experts, tokens=setups.tokens(spec, shapes),
                 flops_per_call=setups.frozen_flops(spec, st.frozen, shapes), params=params,
                 adapter={k: (list(v) if isinstance(v, tuple) else v) for k, v in adapter.items()})

@@ -222,15 +222,13 @@ class _Run:
         pending: list = []
         interval_start, tokens, t_interval = self.step, 0, time.time()
         self.t_start = time.time()
+        flat = self.train_step.flatten(self.state)  # the loop's parameters; self.state is synced when read
         while self.step < total:
             np_batch = next(self.data.batches)
             batch = {k: state_lib.put_global(v, self.batch_sharding) for k, v in np_batch.items()}
             tokens += int(np_batch["attention_mask"].sum()) + int(np_batch["label_mask"].sum())
-            frozen = _poisoned(self.state.frozen) if self.step + 1 in nan_steps else self.state.frozen
-            self.state.trainable, self.state.opt_state, metrics = self.train_step(
-                self.state.trainable, self.state.opt_state, frozen, batch, np.int32(self.step)
-            )
-            pending.append(metrics)
+            frozen = jax.tree.leaves(_poisoned(self.state.frozen)) if self.step + 1 in nan_steps else None
+            pending.append(self.train_step.advance(flat, batch, np.int32(self.step), frozen))
             self.step += 1
             s = self.step
             is_eval = s % int(cfg.eval_every) == 0 or s == total
@@ -238,6 +236,7 @@ class _Run:
             if not (s % int(cfg.log_every) == 0 or is_eval or is_ckpt):
                 continue
             record = {"step": s, **self._flush(pending, interval_start, tokens, time.time() - t_interval)}
+            self.train_step.sync(flat, self.state)
             if is_eval:
                 self._evaluate(record)
             self.log.write(record)
