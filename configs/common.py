@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.adapter.top_k = 2
     c.adapter.n_task_rows = 8
     c.adapter.dropout = 0.1
+    c.adapter.dropout_impl = "hash"  # dropout masks: 'hash' (fast counter-based hash) | 'threefry' (jax.random)
     c.adapter.init = config_dict.placeholder(str)  # None (the variant's) | 'default' | 'gaussian'
     c.adapter.alp = True
     c.adapter.dim_scaling = False

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from ept_jax import pyramid
+from ept_jax.dropout import DROPOUT_IMPLS, dropout
 from ept_jax.nn import Adapter, AdapterContext, AdapterParam, param
 
 Array = jax.Array
@@ -49,6 +50,8 @@ class AdapterConfig:
       n_tasks: tasks the model is trained on (``merge``/``to_lora`` accept ``0 <= task < n_tasks``).
       n_task_rows: rows of each Linear's task embedding (the release: always 8); ``n_tasks <= n_task_rows``.
       dropout: dropout rate on the adapter's input in training (the release: 0.1).
+      dropout_impl: the mask generator, ``"hash"`` (fast counter-based hash) or ``"threefry"``
+        (``jax.random.bernoulli``); see :mod:`ept_jax.dropout`.
       init: None = the variant's own init; ``"default"`` (PyTorch Linear init: kaiming-uniform a=sqrt(5)) or
         ``"gaussian"`` (``N(0, (1/r)^2)``, PEFT's "gaussian" convention) for ``A`` and ``B`` (ablation). LoRA and
         MoE-LoRA apply it to ``A`` (their ``B`` is always zero); kernels always follow the variant.
@@ -77,6 +80,7 @@ class AdapterConfig:
     n_tasks: int = 8
     n_task_rows: int = 8
     dropout: float = 0.1
+    dropout_impl: str = "hash"
     init: str | None = None
     alp: bool = True
     dim_scaling: bool = False
@@ -150,6 +154,8 @@ def validate(cfg: AdapterConfig, d_in: int, d_out: int) -> None:
         raise ValueError(f"alpha={cfg.alpha!r}: must be a finite number > 0")
     if not (isinstance(cfg.dropout, (int, float)) and 0.0 <= cfg.dropout < 1.0):
         raise ValueError(f"dropout={cfg.dropout!r}: accepted 0 <= dropout < 1")
+    if cfg.dropout_impl not in DROPOUT_IMPLS:
+        raise ValueError(f"dropout_impl={cfg.dropout_impl!r}: accepted values are {DROPOUT_IMPLS}")
     if cfg.init not in INITS:
         raise ValueError(f"init={cfg.init!r}: accepted values are {INITS}")
     if not isinstance(cfg.n_tasks, int) or cfg.n_tasks < 1:
@@ -264,14 +270,6 @@ def _axes(axes: tuple[str | None, str | None] | None) -> tuple[str | None, str |
     if len(axes) != 2:
         raise ValueError(f"axes={axes!r}: expected the base kernel's (input, output) logical axis names")
     return axes[0], axes[1]
-
-
-def dropout(x: Array, rate: float, ctx: AdapterContext) -> Array:
-    """Inverted dropout on the adapter input when ``ctx`` asks for it (a key and not deterministic)."""
-    if rate == 0.0 or ctx.deterministic or ctx.dropout_rng is None:
-        return x
-    keep = jax.random.bernoulli(ctx.dropout_rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
 def _check_task(task, n_tasks: int) -> None:
@@ -426,7 +424,7 @@ class EPTAdapter(Adapter):
         if path not in FORWARD_PATHS:
             raise ValueError(f"path={path!r}: accepted values are {FORWARD_PATHS}")
         _check_input(x, self.d_in, ctx.task_ids)
-        x = dropout(x, self.cfg.dropout, ctx)
+        x = dropout(x, self.cfg.dropout, ctx, self.cfg.dropout_impl)
         A, B, kernels = self._factors(x.dtype)
         rows = self.row_weights().astype(x.dtype)
         task_ids = self._task_rows(ctx.task_ids)

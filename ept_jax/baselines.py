@@ -63,7 +63,7 @@ class LoRAAdapter(Adapter):
         """``x (B, ..., d_in)`` -> ``(B, ..., d_out)``; the task is ignored (one adapter for all tasks)."""
         if x.ndim < 1 or x.shape[-1] != self.d_in:
             raise ValueError(f"adapter input of shape {x.shape}: expected (..., {self.d_in})")
-        x = dropout(x, self.cfg.dropout, ctx)
+        x = dropout(x, self.cfg.dropout, ctx, self.cfg.dropout_impl)
         a, b = self.A[...].astype(x.dtype), self.B[...].astype(x.dtype)
         return lowrank(x, a.T, b.T * jnp.asarray(self.cfg.scale, x.dtype))
 
@@ -131,7 +131,7 @@ class MoELoRAAdapter(Adapter):
     def __call__(self, x: Array, ctx: AdapterContext) -> Array:
         """``x (B, ..., d_in)`` -> ``(B, ..., d_out)`` routed by ``ctx.task_ids``; costs a rank-``r`` LoRA."""
         _check_input(x, self.d_in, ctx.task_ids)
-        x = dropout(x, self.cfg.dropout, ctx)
+        x = dropout(x, self.cfg.dropout, ctx, self.cfg.dropout_impl)
         a, b = self.A[...].astype(x.dtype), self.B[...].astype(x.dtype)
         n, re, _ = a.shape
         u = x @ a.reshape(n * re, self.d_in).T  # (B, ..., n * re)

@@ -178,7 +178,7 @@ class MoREAdapter(Adapter):
     def __call__(self, x: Array, ctx: AdapterContext) -> Array:
         """``x (B, ..., d_in)`` -> ``(B, ..., d_out)``, example ``b`` routed to task ``ctx.task_ids[b]``."""
         _check_input(x, self.d_in, ctx.task_ids)
-        x = dropout(x, self.cfg.dropout, ctx)
+        x = dropout(x, self.cfg.dropout, ctx, self.cfg.dropout_impl)
         a, b = self.A[...].astype(x.dtype), self.B[...].astype(x.dtype)
         w = self.rank_weights().astype(x.dtype)[ctx.task_ids]  # (B, r)
         u = (x @ a.T) * w.reshape(w.shape[:1] + (1,) * (x.ndim - 2) + w.shape[1:])
@@ -324,7 +324,7 @@ class TREXAdapter(Adapter):
         if x.ndim < 2 or x.shape[-1] != self.d_in:
             raise ValueError(f"adapter input of shape {x.shape}: expected (batch, ..., {self.d_in})")
         rr = self.routing(x, ctx.semantic)
-        u = dropout(x, self.cfg.dropout, ctx) @ self.A[...].astype(x.dtype).T  # (B, ..., r1)
+        u = dropout(x, self.cfg.dropout, ctx, self.cfg.dropout_impl) @ self.A[...].astype(x.dtype).T  # (B, ..., r1)
         v = jnp.einsum("...i,...ij->...j", u, rr)  # (B, ..., r2)
         g = jax.nn.sigmoid(100.0 * self.w_g[...].astype(x.dtype))
         return g * (v @ self.B[...].astype(x.dtype).T)

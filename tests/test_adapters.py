@@ -13,6 +13,7 @@ from flax import nnx
 
 from ept_jax import adapters as ad
 from ept_jax.baselines import DCFTAdapter, LoRAAdapter, MoELoRAAdapter
+from ept_jax.dropout import keep_mask
 from ept_jax.nn import AdaptedLinear, AdapterContext, AdapterParam, Injection, Injector, logical_axes, pop_aux_losses
 
 TOL = dict(atol=1e-10, rtol=1e-10)
@@ -247,14 +248,15 @@ def test_init_switch_overrides_ab_only():
 # -------------------------------------------------------------------------------- dropout and integration
 
 
-def test_dropout_applies_to_the_adapter_input_only_in_training():
+@pytest.mark.parametrize("impl", ["hash", "threefry"])
+def test_dropout_applies_to_the_adapter_input_only_in_training(impl):
     d_in, d_out = REF_DIMS
-    a = _build(_cfg(dropout=0.5), d_in, d_out)
+    a = _build(_cfg(dropout=0.5, dropout_impl=impl), d_in, d_out)
     x, t, key = _inputs(4, d_in), TASKS, jax.random.key(5)
     plain = a(x, AdapterContext(task_ids=t))
     chex.assert_trees_all_close(a(x, AdapterContext(task_ids=t, dropout_rng=key, deterministic=True)), plain, **TOL)
     dropped = a(x, AdapterContext(task_ids=t, dropout_rng=key, deterministic=False))
-    keep = jax.random.bernoulli(key, 0.5, x.shape)
+    keep = keep_mask(key, x.shape, 0.5, impl)
     want = a(jnp.where(keep, x / 0.5, 0.0), AdapterContext(task_ids=t))
     chex.assert_trees_all_close(dropped, want, **TOL)
     assert float(jnp.abs(dropped - plain).max()) > 1e-6
@@ -358,6 +360,7 @@ def test_dcft_baseline(kernels, k):
         (dict(r=0), REF_DIMS, "r=0"),
         (dict(alpha=-1.0), REF_DIMS, "alpha=-1.0"),
         (dict(dropout=1.0), REF_DIMS, "dropout=1.0"),
+        (dict(dropout_impl="philox"), REF_DIMS, "dropout_impl=.philox."),
         (dict(init="xavier"), REF_DIMS, "init='xavier'"),
         (dict(n_tasks=9), REF_DIMS, "n_tasks=9 > n_task_rows=8"),
         (dict(top_k=9), REF_DIMS, "top_k=9"),
