@@ -10,11 +10,12 @@ all at the same batch and lengths:
 5. ``torch_peft_lora``: transformers + PEFT LoRA on the same weights and batch, one AdamW step;
 6. ``generate_base`` / ``generate_merged`` / ``generate_unmerged``: greedy tokens/s;
 
-plus the sweeps: ``limit``, ``ept_reference`` and ``lora`` at the other sequence lengths (``sweep="seq_len"``) and
-``ept_reference`` with fewer experts (``sweep="experts"``). Each time is the median of ``--reps`` (>= 5, 2 with
-``--quick``) calls after a warm-up; compile time is recorded apart. ``--quick`` (tiny models, a smoke test of the
-harness whose timings mean nothing) also compiles with ``--xla_backend_optimization_level=0`` unless
-``XLA_FLAGS`` sets that flag.
+plus the sweeps (``--no-sweeps`` skips them): ``limit``, ``ept_reference`` and ``lora`` at the other sequence
+lengths (``sweep="seq_len"``), ``ept_reference`` with fewer experts (``sweep="experts"``), and ``ept_reference``
+with threefry dropout masks / without dropout (``sweep="dropout"``: where the time goes). Each time is the median of
+``--reps`` (>= 5, 2 with ``--quick``) calls after a warm-up; compile time is recorded apart. ``--quick`` (tiny
+models, a smoke test of the harness whose timings mean nothing) also compiles with
+``--xla_backend_optimization_level=0`` unless ``XLA_FLAGS`` sets that flag.
 
 Output (JSON): ``schema``, ``command``, ``quick``, ``reps``, ``warmup``, ``dtype``, ``xla_flags``, ``machine``
 (``benchmarks.measure.machine``), ``models`` (architecture and shapes of each), ``rows`` (every row: ``id``,
@@ -51,6 +52,8 @@ RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
     ("ept_reference/torch_peft_lora", "ept_reference", "torch_peft_lora", 1.0),
     ("ept_paper/torch_peft_lora", "ept_paper", "torch_peft_lora", 1.0),
     ("lora/torch_peft_lora", "lora", "torch_peft_lora", None),
+    ("ept_reference_threefry/ept_reference", "ept_reference_threefry", "ept_reference", None),
+    ("ept_reference_nodropout/limit", "ept_reference_nodropout", "limit", None),
 )
 
 ADAPTERS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -59,6 +62,13 @@ ADAPTERS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("ept_materialized", {"kind": "ept", "variant": "reference", "forward_path": "materialized"}),
     ("lora", {"kind": "lora"}),
 )
+# Where the EPT step's time goes beyond the limit (sweep "dropout"): the same step with jax.random's threefry
+# dropout masks instead of the default hash, and with no dropout at all.
+DROPOUT_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("ept_reference_threefry", {**dict(ADAPTERS)["ept_reference"], "dropout_impl": "threefry"}),
+    ("ept_reference_nodropout", {**dict(ADAPTERS)["ept_reference"], "dropout": 0.0}),
+)
+RATIO_SWEEPS = ("main", "dropout")
 SEQ_SWEPT = ("limit", "ept_reference", "lora")
 QUICK_XLA_FLAG = "--xla_backend_optimization_level=0"
 
@@ -67,7 +77,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The :data:`RATIOS` of every model from its main-shape rows (``value`` None, with the reason, when a row did
     not run). A generation ratio is a time ratio: merged/base > 1 means merged decoding is slower."""
     out = []
-    main = {(r["model"], r["row"]): r for r in rows if r["sweep"] == "main"}
+    main = {(r["model"], r["row"]): r for r in rows if r["sweep"] in RATIO_SWEEPS}
     for model in dict.fromkeys(r["model"] for r in rows):
         for name, num, den, target in RATIOS:
             a, b = main.get((model, num)), main.get((model, den))
@@ -84,14 +94,18 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def run_model(spec, *, reps: int, warmup: int, dtype: str, torch_peer: bool, log) -> list[dict[str, Any]]:
-    """Every row of one model (order: limit, adapters, generation, the PyTorch peer)."""
+def run_model(spec, *, reps: int, warmup: int, dtype: str, torch_peer: bool, log, sweeps: bool = True
+              ) -> list[dict[str, Any]]:
+    """Every row of one model (order: limit, adapters, dropout rows, expert sweep, generation, the PyTorch peer).
+
+    ``sweeps=False`` runs the main shapes only: no sequence-length, expert-count or dropout rows.
+    """
     from benchmarks import jax_rows, setups
     from benchmarks import torch_peer as peer
 
     hf = setups.hf_model(spec)
     tensors = setups.hf_tensors(hf)
-    seqs = (spec.seq, *spec.seq_sweep)
+    seqs = (spec.seq, *spec.seq_sweep) if sweeps else (spec.seq,)
     kw = dict(reps=reps, warmup=warmup, dtype=dtype)
     rows = jax_rows.limit_rows(spec, tensors, seqs, **kw)
     for r in rows:
@@ -110,7 +124,13 @@ def run_model(spec, *, reps: int, warmup: int, dtype: str, torch_peer: bool, log
             ept_state = st
         del st
         gc.collect()
-    for n in spec.expert_sweep:
+    for name, adapter in DROPOUT_ROWS if sweeps else ():
+        new, st = jax_rows.train_rows(spec, name, adapter, tensors, (spec.seq,), n_experts=n_all, sweep="dropout",
+                                      **kw)
+        del st
+        rows += new
+        log(new)
+    for n in spec.expert_sweep if sweeps else ():
         adapter = {**dict(ADAPTERS)["ept_reference"], "expert_kernel_sizes": spec.kernels(n)}
         new, st = jax_rows.train_rows(spec, "ept_reference", adapter, tensors, (spec.seq,), n_experts=n,
                                       sweep="experts", **kw)
@@ -145,6 +165,8 @@ def _parse(argv):
     p.add_argument("--models", default=None, help="comma-separated subset of the models (default all)")
     p.add_argument("--dtype", default="float32", help="compute dtype of the JAX rows: float32 or bfloat16")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch + PEFT row (recorded as skipped)")
+    p.add_argument("--no-sweeps", action="store_true",
+                   help="main shapes only: skip the sequence-length, expert-count and dropout rows")
     return p.parse_args(argv)
 
 
@@ -186,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for spec in models:
         rows += run_model(spec, reps=reps, warmup=args.warmup, dtype=args.dtype, torch_peer=not args.no_torch,
-                          log=log)
+                          log=log, sweeps=not args.no_sweeps)
     result = {
         "schema": SCHEMA,
         "command": "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -16,6 +16,8 @@ WHAT = {
     "ept_reference": "EPT step, reference variant, fast path",
     "ept_paper": "EPT step, paper variant, fast path",
     "ept_materialized": "EPT step, reference, materialised delta",
+    "ept_reference_threefry": "EPT reference step, threefry dropout masks",
+    "ept_reference_nodropout": "EPT reference step, no dropout",
     "lora": "LoRA step (ept_jax), same rank",
     "torch_peft_lora": "PyTorch + PEFT LoRA step, same rank",
     "generate_base": "greedy generation, base model",
@@ -55,7 +57,7 @@ def model_tables(result: dict[str, Any], model: str) -> list[str]:
              "| row | what | median ms | tokens/s | compile s | XLA peak MiB | RSS delta MiB | MFU |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        if r["sweep"] != "main":
+        if r["sweep"] not in ("main", "dropout"):
             continue
         mem = r.get("memory") or {}
         if r["status"] != "ok":

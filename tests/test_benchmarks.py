@@ -72,6 +72,10 @@ def test_every_row_ran(quick):
                          if r["row"] == "ept_reference" and r["sweep"] in ("main", "experts"))
         assert experts == sorted({*spec.expert_sweep, len(spec.kernel_sizes)})
         # the PyTorch peer trains what ept_jax's LoRA trains: the same number of adapter parameters
+        dropout_rows = {r["row"]: r for r in rows if r["sweep"] == "dropout"}
+        assert set(dropout_rows) == {name for name, _ in run.DROPOUT_ROWS}
+        assert dropout_rows["ept_reference_threefry"]["adapter"]["dropout_impl"] == "threefry"
+        assert dropout_rows["ept_reference_nodropout"]["adapter"]["dropout"] == 0.0
         by = {r["row"]: r for r in rows if r["sweep"] == "main"}
         assert by["torch_peft_lora"]["params"]["trainable"] == by["lora"]["params"]["trainable"]
         assert by["limit"]["params"]["base"] == by["lora"]["params"]["base"] == by["ept_reference"]["params"]["base"]
@@ -84,7 +88,7 @@ def test_ratios_are_the_quotients_of_the_medians(quick):
     assert len(result["ratios"]) == len(run.RATIOS) * len(setups.QUICK)
     for q in result["ratios"]:
         num, den = rows[q["numerator"]], rows[q["denominator"]]
-        assert num["model"] == den["model"] == q["model"] and num["sweep"] == den["sweep"] == "main"
+        assert num["model"] == den["model"] == q["model"] and {num["sweep"], den["sweep"]} <= set(run.RATIO_SWEEPS)
         assert q["value"] == pytest.approx(num["median_s"] / den["median_s"])
         assert q["met"] == (None if q["target"] is None else q["value"] <= q["target"])
 
@@ -96,7 +100,7 @@ def test_table_prints_every_model_row_and_ratio(quick, capsys):
     assert "Quick mode" in text and result["machine"]["cpu_model"] in text
     for spec in setups.QUICK:
         assert f"#### {spec.name}" in text
-    for name in MAIN_ROWS:
+    for name in MAIN_ROWS | {name for name, _ in run.DROPOUT_ROWS}:
         assert f"| {name} |" in text
     for name, *_ in run.RATIOS:
         assert f"| {name} |" in text
