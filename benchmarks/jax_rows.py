@@ -91,12 +91,12 @@ def _tap(family: str, model, offsets) -> None:
         object.__setattr__(model.model, "embed_tokens", _EmbeddingTap(model.model.embed_tokens, offsets))
 
 
-def limit_rows(spec: ModelSpec, tensors: dict[str, np.ndarray], seqs: tuple[int, ...], *, reps: int, warmup: int,
-               dtype: str) -> list[dict[str, Any]]:
-    """The limit at each sequence length of ``seqs``: ``jit(value_and_grad(loss wrt input embeddings))``.
+def limit_calls(spec: ModelSpec, tensors: dict[str, np.ndarray], seqs: tuple[int, ...], *, dtype: str):
+    """Yields ``(shapes, call, compiled, compile_s, weights)`` of the limit at each sequence length of ``seqs``.
 
-    The base model (no adapters) gets ``tensors``; its weights are an undifferentiated argument, so XLA computes
-    no weight gradient. Offsets are ``(B, Ls, d)`` and ``(B, Lt, d)`` (T5) or ``(B, L, d)`` (LLaMA).
+    The program is ``jit(value_and_grad(loss wrt input embeddings))``: the base model (no adapters) gets
+    ``tensors``; its weights are an undifferentiated argument, so XLA computes no weight gradient. Offsets are
+    ``(B, Ls, d)`` and ``(B, Lt, d)`` (T5) or ``(B, L, d)`` (LLaMA). ``call()`` runs it once.
     """
     config = setups.bench_config(spec, None, dtype=dtype)
     model = setups.jax_model(config, tensors)
@@ -113,15 +113,21 @@ def limit_rows(spec: ModelSpec, tensors: dict[str, np.ndarray], seqs: tuple[int,
         return steps.cross_entropy(logits, batch["labels"], batch["label_mask"])
 
     fn = jax.jit(jax.value_and_grad(loss))
-    rows = []
     for seq in seqs:
         shapes = spec.shapes(seq)
         batch = {k: jnp.asarray(v) for k, v in setups.train_batch(spec, seq).items()}
         lengths = (shapes["source_len"], shapes["target_len"]) if family == "t5" else (shapes["seq_len"],)
         offsets = tuple(jnp.zeros((spec.batch, n, d), cdt) for n in lengths)
         compiled, compile_s = measure.compile_jit(fn, offsets, weights, batch)
-        timing = measure.time_calls(lambda c=compiled, o=offsets, b=batch: c(o, weights, b), reps=reps,
-                                    warmup=warmup, sampler=_sampler())
+        yield shapes, (lambda c=compiled, o=offsets, b=batch: c(o, weights, b)), compiled, compile_s, weights
+
+
+def limit_rows(spec: ModelSpec, tensors: dict[str, np.ndarray], seqs: tuple[int, ...], *, reps: int, warmup: int,
+               dtype: str) -> list[dict[str, Any]]:
+    """The limit (:func:`limit_calls`) timed at each sequence length of ``seqs``."""
+    rows = []
+    for shapes, call, compiled, compile_s, weights in limit_calls(spec, tensors, seqs, dtype=dtype):
+        timing = measure.time_calls(call, reps=reps, warmup=warmup, sampler=_sampler())
         r = row(spec, "limit", "limit", shapes, tokens=setups.tokens(spec, shapes),
                 flops_per_call=setups.frozen_flops(spec, weights, shapes),
                 params={"base": setups.count(weights), "trainable": 0})
@@ -129,14 +135,13 @@ def limit_rows(spec: ModelSpec, tensors: dict[str, np.ndarray], seqs: tuple[int,
     return rows
 
 
-def train_rows(spec: ModelSpec, name: str, adapter: dict[str, Any], tensors: dict[str, np.ndarray],
-               seqs: tuple[int, ...], *, reps: int, warmup: int, dtype: str, n_experts: int | None = None,
-               sweep: str = "main") -> tuple[list[dict[str, Any]], state_lib.TrainState]:
-    """The program's training step for ``adapter`` at each sequence length of ``seqs``; also returns the state.
+def train_calls(spec: ModelSpec, adapter: dict[str, Any], tensors: dict[str, np.ndarray], seqs: tuple[int, ...], *,
+                dtype: str):
+    """Yields ``(shapes, call, compiled, compile_s, st, step_fn, flat)`` of the training step at each length.
 
-    ``make_train_step`` donates ``trainable`` and ``opt_state``: each call's outputs feed the next, and the
-    returned state holds the last ones. The compiled program is called on the states' leaves, as ``train.loop``
-    calls it (``TrainStep.advance``).
+    ``call()`` runs one step of ``train.steps.make_train_step`` over ``train.state.create_train_state``, on the
+    states' leaves as ``train.loop`` does (``TrainStep.advance``); ``trainable`` and ``opt_state`` are donated, so
+    each call's outputs feed the next (``flat`` holds the latest; ``step_fn.sync(flat, st)`` writes them back).
     """
     config = setups.bench_config(spec, adapter, dtype=dtype)
     model = setups.jax_model(config, tensors)
@@ -149,22 +154,31 @@ def train_rows(spec: ModelSpec, name: str, adapter: dict[str, Any], tensors: dic
                                     seed=int(config.train.seed))
     batch_sh = sharding_lib.batch_sharding(mesh)
     step = jnp.asarray(1000, jnp.int32)
-    params = {"base": setups.count(st.frozen), "trainable": setups.count(st.trainable)}
-    rows = []
+    flat = step_fn.flatten(st)
     for seq in seqs:
         shapes = spec.shapes(seq)
         batch = {k: jax.device_put(v, batch_sh) for k, v in setups.train_batch(spec, seq).items()}
-        flat = step_fn.flatten(st)
         compiled, compile_s = measure.compile_jit(step_fn.jitted, flat.trainable, flat.opt_state, flat.frozen,
                                                   batch, step)
 
         def call(c=compiled, b=batch, f=flat):
-            # As train.loop: the states' leaves go in and come out, no nnx.State is rebuilt per step.
             f.trainable, f.opt_state, metrics = c(f.trainable, f.opt_state, f.frozen, b, step)
             return f.trainable, metrics
 
+        yield shapes, call, compiled, compile_s, st, step_fn, flat
+
+
+def train_rows(spec: ModelSpec, name: str, adapter: dict[str, Any], tensors: dict[str, np.ndarray],
+               seqs: tuple[int, ...], *, reps: int, warmup: int, dtype: str, n_experts: int | None = None,
+               sweep: str = "main") -> tuple[list[dict[str, Any]], state_lib.TrainState]:
+    """The training step (:func:`train_calls`) for ``adapter`` timed at each length of ``seqs``; also returns the
+    state, holding the last step's parameters."""
+    rows, st = [], None
+    for shapes, call, compiled, compile_s, st, step_fn, flat in train_calls(spec, adapter, tensors, seqs,
+                                                                           dtype=dtype):
         timing = measure.time_calls(call, reps=reps, warmup=warmup, sampler=_sampler())
         step_fn.sync(flat, st)
+        params = {"base": setups.count(st.frozen), "trainable": setups.count(st.trainable)}
         r = row(spec, name, "train", shapes, sweep=sweep, n_experts=n_experts, tokens=setups.tokens(spec, shapes),
                 flops_per_call=setups.frozen_flops(spec, st.frozen, shapes), params=params,
                 adapter={k: (list(v) if isinstance(v, tuple) else v) for k, v in adapter.items()})

@@ -22,7 +22,8 @@ Output (JSON): ``schema``, ``command``, ``quick``, ``reps``, ``warmup``, ``dtype
 ``model``, ``row``, ``kind``, ``framework``, ``shapes``, ``status``/``reason``, ``median_s``, ``times_s``,
 ``compile_s``, ``memory``, ``tokens_per_s``, ``flops_per_call``, ``mfu``, ``params``, ``sweep``, ``n_experts``),
 ``ratios`` (each: ``name``, ``model``, ``numerator``/``denominator`` row ids, ``value`` = the medians' quotient,
-``target``, ``met``) and ``elapsed_s``. Errors a user can cause print one line and exit 2.
+``target``, ``met``), ``interleaved`` (per model, :mod:`benchmarks.interleaved`: the target ratios again, timed in
+``--rounds`` interleaved rounds) and ``elapsed_s``. Errors a user can cause print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -94,9 +95,10 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def run_model(spec, *, reps: int, warmup: int, dtype: str, torch_peer: bool, log, sweeps: bool = True
-              ) -> list[dict[str, Any]]:
-    """Every row of one model (order: limit, adapters, dropout rows, expert sweep, generation, the PyTorch peer).
+def run_model(spec, *, reps: int, warmup: int, dtype: str, torch_peer: bool, log, sweeps: bool = True,
+              rounds: int = 0, round_reps: int = 3) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Every row of one model (order: limit, adapters, dropout rows, expert sweep, generation, the PyTorch peer),
+    then, with ``rounds > 0``, the interleaved timing of :mod:`benchmarks.interleaved` (else None).
 
     ``sweeps=False`` runs the main shapes only: no sequence-length, expert-count or dropout rows.
     """
@@ -153,7 +155,16 @@ def run_model(spec, *, reps: int, warmup: int, dtype: str, torch_peer: bool, log
         t["reason"] = f"the PyTorch peer runs float32; the JAX rows {dtype}"
     rows.append(t)
     log([t])
-    return rows
+    inter = None
+    if rounds:
+        from benchmarks.interleaved import interleaved
+
+        inter = interleaved(spec, tensors, dict(ADAPTERS), RATIOS, rounds=rounds, reps=round_reps, warmup=warmup,
+                            dtype=dtype)
+        for q in inter["ratios"]:
+            print(f"  interleaved {spec.name} {q['name']}: {q['value']:.3f} (rounds "
+                  f"{', '.join(f'{v:.3f}' for v in q['per_round'])})", flush=True)
+    return rows, inter
 
 
 def _parse(argv):
@@ -165,6 +176,8 @@ def _parse(argv):
     p.add_argument("--models", default=None, help="comma-separated subset of the models (default all)")
     p.add_argument("--dtype", default="float32", help="compute dtype of the JAX rows: float32 or bfloat16")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch + PEFT row (recorded as skipped)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds for the target ratios (default 5, --quick 1; 0 = off)")
     p.add_argument("--no-sweeps", action="store_true",
                    help="main shapes only: skip the sequence-length, expert-count and dropout rows")
     return p.parse_args(argv)
@@ -182,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quick and reps < 5:
             print(f"warning: --reps={reps} < 5: medians of fewer than 5 repetitions are a smoke test, not results",
                   file=sys.stderr)
+        rounds = args.rounds if args.rounds is not None else (1 if args.quick else 5)
+        if rounds < 0:
+            raise ValueError(f"--rounds={rounds}: need rounds >= 0")
         if args.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--dtype={args.dtype!r}: accepted 'float32', 'bfloat16'")
         names = tuple(n.strip() for n in args.models.split(",") if n.strip()) if args.models else None
@@ -206,9 +222,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{time.time() - t0:7.1f}s] {r['id']:<60} {med}{comp}", flush=True)
 
     rows: list[dict[str, Any]] = []
+    inter: dict[str, Any] = {}
     for spec in models:
-        rows += run_model(spec, reps=reps, warmup=args.warmup, dtype=args.dtype, torch_peer=not args.no_torch,
-                          log=log, sweeps=not args.no_sweeps)
+        new, inter[spec.name] = run_model(spec, reps=reps, warmup=args.warmup, dtype=args.dtype,
+                                          torch_peer=not args.no_torch, log=log, sweeps=not args.no_sweeps,
+                                          rounds=rounds, round_reps=1 if args.quick else 3)
+        rows += new
     result = {
         "schema": SCHEMA,
         "command": "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -223,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                             "generation": {"prompt_len": s.gen_prompt, "new_tokens": s.gen_new}} for s in models},
         "rows": rows,
         "ratios": ratios(rows),
+        "interleaved": {k: v for k, v in inter.items() if v is not None},
         "elapsed_s": time.time() - t0,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

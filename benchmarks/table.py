@@ -76,6 +76,20 @@ def model_tables(result: dict[str, Any], model: str) -> list[str]:
         target = f"<= {q['target']}" if q["target"] is not None else "-"
         met = "-" if q["met"] is None else ("yes" if q["met"] else "**no**")
         lines.append(f"| {q['name']} | {value} | {target} | {met} |")
+    inter = (result.get("interleaved") or {}).get(model)
+    if inter:
+        names = list(inter["rows"])
+        lines += ["", f"Interleaved ({inter['rounds']} rounds x {inter['reps']} calls of each row, rotated order; a "
+                  "ratio is the median over rounds of the in-round quotient):", "",
+                  "| interleaved | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names),
+                  "| median ms | " + " | ".join(f"{inter['rows'][n]['median_s'] * 1e3:.2f}" for n in names) + " |",
+                  "", "| ratio, interleaved | value | min..max over rounds | target | met |",
+                  "| --- | ---: | ---: | ---: | --- |"]
+        for q in inter["ratios"]:
+            target = f"<= {q['target']}" if q["target"] is not None else "-"
+            met = "-" if q["met"] is None else ("yes" if q["met"] else "**no**")
+            lines.append(f"| {q['name']} | {q['value']:.3f} | {min(q['per_round']):.3f}..{max(q['per_round']):.3f} "
+                         f"| {target} | {met} |")
     seq = [r for r in rows if r["kind"] in ("limit", "train") and r["framework"] == "jax" and r["sweep"] in
            ("main", "seq_len") and r["row"] in ("limit", "ept_reference", "lora")]
     lengths = sorted({r["shapes"].get("source_len", r["shapes"].get("seq_len")) for r in seq})

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import measure, run, setups, table
+from benchmarks import interleaved, measure, run, setups, table
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN_ROWS = {"limit", "ept_reference", "ept_paper", "ept_materialized", "lora", "torch_peft_lora", "generate_base",
@@ -93,6 +93,23 @@ def test_ratios_are_the_quotients_of_the_medians(quick):
         assert q["met"] == (None if q["target"] is None else q["value"] <= q["target"])
 
 
+def test_interleaved_ratios_are_medians_of_in_round_quotients(quick):
+    result, _ = quick
+    assert set(result["interleaved"]) == {s.name for s in setups.QUICK}
+    for inter in result["interleaved"].values():
+        assert inter["rounds"] == 1 and inter["reps"] == 1
+        assert set(inter["rows"]) == set(interleaved.ROWS)
+        for r in inter["rows"].values():
+            assert len(r["times_s"]) == 1 and len(r["times_s"][0]) == 1 and r["median_s"] > 0
+        names = {q["name"] for q in inter["ratios"]}
+        assert names == {n for n, a, b, _ in run.RATIOS if a in interleaved.ROWS and b in interleaved.ROWS}
+        for q in inter["ratios"]:
+            num, den = (inter["rows"][x]["times_s"] for x in q["name"].split("/"))
+            assert q["per_round"] == pytest.approx([statistics.median(a) / statistics.median(b)
+                                                    for a, b in zip(num, den, strict=True)])
+            assert q["value"] == pytest.approx(statistics.median(q["per_round"]))
+
+
 def test_table_prints_every_model_row_and_ratio(quick, capsys):
     result, path = quick
     assert table.main([str(path)]) == 0
@@ -104,6 +121,7 @@ def test_table_prints_every_model_row_and_ratio(quick, capsys):
         assert f"| {name} |" in text
     for name, *_ in run.RATIOS:
         assert f"| {name} |" in text
+    assert "| ratio, interleaved |" in text
 
 
 def test_table_and_run_refuse_bad_input(tmp_path, capsys):

@@ -1,0 +1,61 @@
+"""Interleaved timing of the rows behind the target ratios, for machines whose speed drifts during a run.
+
+A shared 2-core VM drifted by up to ~1.6 x within one run (the limit measured 440 and 830 ms in the same
+process, minutes apart), so a quotient of two medians taken minutes apart can be off by that much. Here the
+main-shape programs of :data:`ROWS` are all compiled first, then timed in ``rounds`` rounds; each round times
+every row ``reps`` times, the rows in a rotated order. A ratio is computed within each round (the quotient of
+the two rows' medians in that round) and reported as the median over rounds, with the per-round values.
+
+Output (``result["interleaved"][model]``): ``rounds``, ``reps``, ``rows`` (``name -> {"median_s", "times_s"}``,
+``times_s`` a list per round) and ``ratios`` (``name``, ``value``, ``per_round``, ``target``, ``met``).
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+from typing import Any
+
+from benchmarks import jax_rows, measure
+
+ROWS = ("limit", "lora", "ept_reference", "ept_paper")
+
+
+def interleaved(spec, tensors, adapters: dict[str, dict[str, Any]], ratio_specs, *, rounds: int, reps: int,
+                warmup: int, dtype: str) -> dict[str, Any]:
+    """Times :data:`ROWS` of ``spec`` at its main shapes in interleaved rounds (see the module docstring).
+
+    Args:
+      adapters: the adapter overrides of the training rows (``benchmarks.run.ADAPTERS``).
+      ratio_specs: ``(name, numerator, denominator, target)`` tuples; those over :data:`ROWS` are computed.
+    Raises:
+      ValueError: ``rounds < 1`` or ``reps < 1``.
+    """
+    if rounds < 1 or reps < 1:
+        raise ValueError(f"rounds={rounds}, reps={reps}: need both >= 1")
+    calls = {}
+    for name in ROWS:
+        if name == "limit":
+            gen = jax_rows.limit_calls(spec, tensors, (spec.seq,), dtype=dtype)
+        else:
+            gen = jax_rows.train_calls(spec, adapters[name], tensors, (spec.seq,), dtype=dtype)
+        calls[name] = next(gen)[1]
+        for _ in range(warmup):
+            measure.block(calls[name]())
+    times: dict[str, list[list[float]]] = {n: [] for n in ROWS}
+    for k in range(rounds):
+        order = ROWS[k % len(ROWS):] + ROWS[: k % len(ROWS)]
+        for name in order:
+            times[name].append(measure.time_calls(calls[name], reps=reps, warmup=0)["times_s"])
+    del calls
+    gc.collect()
+    rows = {n: {"median_s": statistics.median(t for r in ts for t in r), "times_s": ts} for n, ts in times.items()}
+    ratios = []
+    for name, num, den, target in ratio_specs:
+        if num not in rows or den not in rows:
+            continue
+        per_round = [statistics.median(a) / statistics.median(b) for a, b in zip(times[num], times[den], strict=True)]
+        value = statistics.median(per_round)
+        ratios.append({"name": name, "value": value, "per_round": per_round, "target": target,
+                       "met": None if target is None else bool(value <= target)})
+    return {"rounds": rounds, "reps": reps, "rows": rows, "ratios": ratios}
