@@ -17,13 +17,14 @@ with threefry dropout masks / without dropout (``sweep="dropout"``: where the ti
 models, a smoke test of the harness whose timings mean nothing) also compiles with
 ``--xla_backend_optimization_level=0`` unless ``XLA_FLAGS`` sets that flag.
 
-Output (JSON): ``schema``, ``command``, ``quick``, ``reps``, ``warmup``, ``dtype``, ``xla_flags``, ``machine``
-(``benchmarks.measure.machine``), ``models`` (architecture and shapes of each), ``rows`` (every row: ``id``,
-``model``, ``row``, ``kind``, ``framework``, ``shapes``, ``status``/``reason``, ``median_s``, ``times_s``,
-``compile_s``, ``memory``, ``tokens_per_s``, ``flops_per_call``, ``mfu``, ``params``, ``sweep``, ``n_experts``),
-``ratios`` (each: ``name``, ``model``, ``numerator``/``denominator`` row ids, ``value`` = the medians' quotient,
-``target``, ``met``), ``interleaved`` (per model, :mod:`benchmarks.interleaved`: the target ratios again, timed in
-``--rounds`` interleaved rounds) and ``elapsed_s``. Errors a user can cause print one line and exit 2.
+Output (JSON, rewritten after every row): ``schema``, ``command``, ``complete`` (false until the run ends),
+``quick``, ``reps``, ``warmup``, ``dtype``, ``xla_flags``, ``machine`` (``benchmarks.measure.machine``), ``models``
+(architecture and shapes of each), ``rows`` (every row: ``id``, ``model``, ``row``, ``kind``, ``framework``,
+``shapes``, ``status``/``reason``, ``median_s``, ``times_s``, ``compile_s``, ``memory``, ``tokens_per_s``,
+``flops_per_call``, ``mfu``, ``params``, ``sweep``, ``n_experts``), ``ratios`` (each: ``name``, ``model``,
+``numerator``/``denominator`` row ids, ``value`` = the medians' quotient, ``target``, ``met``), ``interleaved`` (per
+model, :mod:`benchmarks.interleaved`: the target ratios again, timed in ``--rounds`` interleaved rounds) and
+``elapsed_s``. Errors a user can cause print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
 ADAPTERS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("ept_reference", {"kind": "ept", "variant": "reference", "forward_path": "fast"}),
     ("ept_paper", {"kind": "ept", "variant": "paper", "forward_path": "fast"}),
-    ("ept_materialized", {"kind": "ept", "variant": "reference", "forward_path": "materialized"}),
     ("lora", {"kind": "lora"}),
+    # last: by far the slowest row (a partial run, cut short, still has the others)
+    ("ept_materialized", {"kind": "ept", "variant": "reference", "forward_path": "materialized"}),
 )
 # Where the EPT step's time goes beyond the limit (sweep "dropout"): the same step with jax.random's threefry
 # dropout masks instead of the default hash, and with no dropout at all.
@@ -215,39 +217,52 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else default
     t0 = time.time()
 
-    def log(rows):
-        for r in rows:
+    rows: list[dict[str, Any]] = []
+    inter: dict[str, Any] = {}
+
+    def write(done: list[dict[str, Any]], complete: bool) -> None:
+        # Rewritten after every row (atomically): a run cut short keeps the rows it measured ("complete": false).
+        result = {
+            "schema": SCHEMA,
+            "command": "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),
+            "complete": complete,
+            "quick": args.quick,
+            "reps": reps,
+            "warmup": args.warmup,
+            "dtype": args.dtype,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "machine": info,
+            "models": {s.name: {"family": s.family, "arch": s.arch, "targets": list(s.targets),
+                                "kernel_sizes": list(s.kernel_sizes), "shapes": s.shapes(),
+                                "n_tasks": setups.N_TASKS,
+                                "generation": {"prompt_len": s.gen_prompt, "new_tokens": s.gen_new}} for s in models},
+            "rows": done,
+            "ratios": ratios(done),
+            "interleaved": {k: v for k, v in inter.items() if v is not None},
+            "elapsed_s": time.time() - t0,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, out)
+
+    logged: list[dict[str, Any]] = []
+
+    def log(new_rows):
+        for r in new_rows:
             med = "skipped: " + str(r["reason"]) if r["status"] != "ok" else f"{r['median_s'] * 1e3:9.2f} ms"
             comp = f"  compile {r['compile_s']:.1f}s" if r.get("compile_s") else ""
             print(f"[{time.time() - t0:7.1f}s] {r['id']:<60} {med}{comp}", flush=True)
+        logged.extend(new_rows)
+        write(logged, complete=False)
 
-    rows: list[dict[str, Any]] = []
-    inter: dict[str, Any] = {}
     for spec in models:
         new, inter[spec.name] = run_model(spec, reps=reps, warmup=args.warmup, dtype=args.dtype,
                                           torch_peer=not args.no_torch, log=log, sweeps=not args.no_sweeps,
                                           rounds=rounds, round_reps=1 if args.quick else 3)
         rows += new
-    result = {
-        "schema": SCHEMA,
-        "command": "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),
-        "quick": args.quick,
-        "reps": reps,
-        "warmup": args.warmup,
-        "dtype": args.dtype,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "machine": info,
-        "models": {s.name: {"family": s.family, "arch": s.arch, "targets": list(s.targets),
-                            "kernel_sizes": list(s.kernel_sizes), "shapes": s.shapes(), "n_tasks": setups.N_TASKS,
-                            "generation": {"prompt_len": s.gen_prompt, "new_tokens": s.gen_new}} for s in models},
-        "rows": rows,
-        "ratios": ratios(rows),
-        "interleaved": {k: v for k, v in inter.items() if v is not None},
-        "elapsed_s": time.time() - t0,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out} ({len(rows)} rows, {result['elapsed_s']:.0f}s)")
+    write(rows, complete=True)
+    print(f"wrote {out} ({len(rows)} rows, {time.time() - t0:.0f}s)")
     return 0
 
 

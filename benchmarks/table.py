@@ -117,6 +117,9 @@ def markdown(result: dict[str, Any]) -> str:
              "training step or one `generate` call; a ratio's value is the two medians' quotient. XLA peak: "
              "`compiled.memory_analysis()`; RSS delta: the process's resident-set growth during the warm-up call.",
              ""]
+    if result.get("complete") is False:
+        lines[2:2] = [f"**Partial run: cut short after {len(result['rows'])} rows; the rows below are all it "
+                      "measured.**", ""]
     if result.get("quick"):
         lines[2:2] = ["**Quick mode: tiny models, the harness's smoke test; these timings measure nothing.**", ""]
     for model in result["models"]:

@@ -38,6 +38,7 @@ def quick(tmp_path_factory):
 def test_quick_run_schema_and_machine(quick):
     result, _ = quick
     assert result["schema"] == run.SCHEMA and result["quick"] is True and result["reps"] == 2
+    assert result["complete"] is True
     assert run.QUICK_XLA_FLAG in result["xla_flags"]
     m = result["machine"]
     for key in ("cpu_model", "cpu_count", "cpu_usable", "jax_backend", "jax_device_kind", "versions"):
