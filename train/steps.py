@@ -86,10 +86,8 @@ class TrainStep:
     ``trainable`` and ``opt_state`` are donated: after a call, only its outputs are valid.
     """
 
-    def __init__(self, jitted: Callable, state: TrainState):
-        self.jitted = jitted
-        self.tr_def = jax.tree.structure(state.trainable)
-        self.opt_def = jax.tree.structure(state.opt_state)
+    def __init__(self, jitted: Callable, tr_def, opt_def):
+        self.jitted, self.tr_def, self.opt_def = jitted, tr_def, opt_def
 
     def flatten(self, state: TrainState) -> FlatState:
         """The leaves of ``state`` (the arrays themselves, not copies)."""
@@ -161,7 +159,7 @@ def make_train_step(state: TrainState, tx: optax.GradientTransformation, schedul
         out_shardings=(tr_sh, opt_sh, rep),
         donate_argnums=(0, 1),
     )
-    return TrainStep(jitted, state)
+    return TrainStep(jitted, tr_def, opt_def)
 
 
 def merged_frozen(graphdef, trainable, frozen, task: int | Array) -> nnx.State:
