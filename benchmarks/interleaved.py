@@ -22,19 +22,21 @@ ROWS = ("limit", "lora", "ept_reference", "ept_paper")
 
 
 def interleaved(spec, tensors, adapters: dict[str, dict[str, Any]], ratio_specs, *, rounds: int, reps: int,
-                warmup: int, dtype: str) -> dict[str, Any]:
+                warmup: int, dtype: str, skip=frozenset()) -> dict[str, Any]:
     """Times :data:`ROWS` of ``spec`` at its main shapes in interleaved rounds (see the module docstring).
 
     Args:
       adapters: the adapter overrides of the training rows (``benchmarks.run.ADAPTERS``).
-      ratio_specs: ``(name, numerator, denominator, target)`` tuples; those over :data:`ROWS` are computed.
+      ratio_specs: ``(name, numerator, denominator, target)`` tuples; those over the timed rows are computed.
+      skip: rows of :data:`ROWS` to leave out.
     Raises:
       ValueError: ``rounds < 1`` or ``reps < 1``.
     """
     if rounds < 1 or reps < 1:
         raise ValueError(f"rounds={rounds}, reps={reps}: need both >= 1")
+    names = tuple(n for n in ROWS if n not in skip)
     calls = {}
-    for name in ROWS:
+    for name in names:
         if name == "limit":
             gen = jax_rows.limit_calls(spec, tensors, (spec.seq,), dtype=dtype)
         else:
@@ -42,9 +44,9 @@ def interleaved(spec, tensors, adapters: dict[str, dict[str, Any]], ratio_specs,
         calls[name] = next(gen)[1]
         for _ in range(warmup):
             measure.block(calls[name]())
-    times: dict[str, list[list[float]]] = {n: [] for n in ROWS}
+    times: dict[str, list[list[float]]] = {n: [] for n in names}
     for k in range(rounds):
-        order = ROWS[k % len(ROWS):] + ROWS[: k % len(ROWS)]
+        order = names[k % len(names):] + names[: k % len(names)]
         for name in order:
             times[name].append(measure.time_calls(calls[name], reps=reps, warmup=0)["times_s"])
     del calls

@@ -72,6 +72,10 @@ DROPOUT_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("ept_reference_nodropout", {**dict(ADAPTERS)["ept_reference"], "dropout": 0.0}),
 )
 RATIO_SWEEPS = ("main", "dropout")
+# --skip: rows a run may leave out (recorded with status "skipped"); "generate" is all three generation rows,
+# which also need the ept_reference row (its trained state is what they merge).
+SKIPPABLE = ("ept_reference", "ept_paper", "lora", "ept_materialized", "generate", "torch_peft_lora")
+GENERATE_ROWS = ("generate_base", "generate_merged", "generate_unmerged")
 SEQ_SWEPT = ("limit", "ept_reference", "lora")
 QUICK_XLA_FLAG = "--xla_backend_optimization_level=0"
 
@@ -98,11 +102,14 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_model(spec, *, reps: int, warmup: int, dtype: str, torch_peer: bool, log, sweeps: bool = True,
-              rounds: int = 0, round_reps: int = 3) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+              rounds: int = 0, round_reps: int = 3,
+              skip: frozenset[str] = frozenset()) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Every row of one model (order: limit, adapters, dropout rows, expert sweep, generation, the PyTorch peer),
     then, with ``rounds > 0``, the interleaved timing of :mod:`benchmarks.interleaved` (else None).
 
-    ``sweeps=False`` runs the main shapes only: no sequence-length, expert-count or dropout rows.
+    ``sweeps=False`` runs the main shapes only: no sequence-length, expert-count or dropout rows. ``skip``
+    (names of :data:`SKIPPABLE`) leaves rows out; they are recorded as skipped, and the interleaved rounds and
+    the ept_reference sweeps leave them out too.
     """
     from benchmarks import jax_rows, setups
     from benchmarks import torch_peer as peer
@@ -117,7 +124,16 @@ def run_model(spec, *, reps: int, warmup: int, dtype: str, torch_peer: bool, log
     log(rows)
     ept_state = None
     n_all = len(spec.kernel_sizes)
+
+    def skipped(name, reason="--skip", framework="jax"):
+        return jax_rows.row(spec, name, "generate" if name in GENERATE_ROWS else "train",
+                            spec.shapes(), framework=framework, status="skipped", reason=reason)
+
     for name, adapter in ADAPTERS:
+        if name in skip:
+            rows.append(skipped(name))
+            log(rows[-1:])
+            continue
         todo = seqs if name in SEQ_SWEPT else (spec.seq,)
         new, st = jax_rows.train_rows(spec, name, adapter, tensors, todo, n_experts=n_all, **kw)
         for r in new:
@@ -128,6 +144,7 @@ def run_model(spec, *, reps: int, warmup: int, dtype: str, torch_peer: bool, log
             ept_state = st
         del st
         gc.collect()
+    sweeps = sweeps and "ept_reference" not in skip
     for name, adapter in DROPOUT_ROWS if sweeps else ():
         new, st = jax_rows.train_rows(spec, name, adapter, tensors, (spec.seq,), n_experts=n_all, sweep="dropout",
                                       **kw)
@@ -141,18 +158,21 @@ def run_model(spec, *, reps: int, warmup: int, dtype: str, torch_peer: bool, log
         del st
         rows += new
         log(new)
-    gen = jax_rows.generation_rows(spec, tensors, ept_state, **kw)
+    if "generate" in skip or ept_state is None:
+        why = "--skip" if "generate" in skip else "needs the ept_reference row, skipped"
+        gen = [skipped(n, why) for n in GENERATE_ROWS]
+    else:
+        gen = jax_rows.generation_rows(spec, tensors, ept_state, **kw)
     rows += gen
     log(gen)
     del ept_state, gen
     gc.collect()
     base = next(r for r in rows if r["row"] == "limit" and r["sweep"] == "main")
-    if torch_peer:
+    if torch_peer and "torch_peft_lora" not in skip:
         config = setups.bench_config(spec, dict(ADAPTERS)["lora"], dtype=dtype)
         t = peer.peft_row(spec, hf, config, reps=reps, warmup=warmup, base_row=base)
     else:
-        t = jax_rows.row(spec, "torch_peft_lora", "train", spec.shapes(), framework="torch", status="skipped",
-                         reason="--no-torch")
+        t = skipped("torch_peft_lora", "--no-torch" if not torch_peer else "--skip", framework="torch")
     if dtype != "float32" and t["status"] == "ok":
         t["reason"] = f"the PyTorch peer runs float32; the JAX rows {dtype}"
     rows.append(t)
@@ -162,7 +182,7 @@ def run_model(spec, *, reps: int, warmup: int, dtype: str, torch_peer: bool, log
         from benchmarks.interleaved import interleaved
 
         inter = interleaved(spec, tensors, dict(ADAPTERS), RATIOS, rounds=rounds, reps=round_reps, warmup=warmup,
-                            dtype=dtype)
+                            dtype=dtype, skip=skip)
         for q in inter["ratios"]:
             print(f"  interleaved {spec.name} {q['name']}: {q['value']:.3f} (rounds "
                   f"{', '.join(f'{v:.3f}' for v in q['per_round'])})", flush=True)
@@ -182,6 +202,7 @@ def _parse(argv):
                    help="interleaved rounds for the target ratios (default 5, --quick 1; 0 = off)")
     p.add_argument("--no-sweeps", action="store_true",
                    help="main shapes only: skip the sequence-length, expert-count and dropout rows")
+    p.add_argument("--skip", default="", help=f"comma-separated rows to leave out, of {', '.join(SKIPPABLE)}")
     return p.parse_args(argv)
 
 
@@ -202,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--rounds={rounds}: need rounds >= 0")
         if args.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--dtype={args.dtype!r}: accepted 'float32', 'bfloat16'")
+        skip = frozenset(n.strip() for n in args.skip.split(",") if n.strip())
+        if skip - set(SKIPPABLE):
+            raise ValueError(f"--skip {sorted(skip - set(SKIPPABLE))}: accepted {', '.join(SKIPPABLE)}")
         names = tuple(n.strip() for n in args.models.split(",") if n.strip()) if args.models else None
         models = setups.specs(args.quick, names)
     except ValueError as e:
@@ -259,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in models:
         new, inter[spec.name] = run_model(spec, reps=reps, warmup=args.warmup, dtype=args.dtype,
                                           torch_peer=not args.no_torch, log=log, sweeps=not args.no_sweeps,
-                                          rounds=rounds, round_reps=1 if args.quick else 3)
+                                          rounds=rounds, round_reps=1 if args.quick else 3, skip=skip)
         rows += new
     write(rows, complete=True)
     print(f"wrote {out} ({len(rows)} rows, {time.time() - t0:.0f}s)")

@@ -396,7 +396,9 @@ class EPTAdapter(Adapter):
 
     def row_weights(self) -> Array:
         """``(n_rows, n_experts)`` mixing weights with ``alpha / r`` and the expert scales folded in."""
-        w, _ = self.routing()
+        return self._scaled(self.routing()[0])
+
+    def _scaled(self, w: Array) -> Array:
         return w * jnp.asarray(self.expert_scales, w.dtype) * self.cfg.scale
 
     def _task_rows(self, task_ids: Array) -> Array:
@@ -426,10 +428,13 @@ class EPTAdapter(Adapter):
         _check_input(x, self.d_in, ctx.task_ids)
         x = dropout(x, self.cfg.dropout, ctx, self.cfg.dropout_impl)
         A, B, kernels = self._factors(x.dtype)
-        rows = self.row_weights().astype(x.dtype)
+        w, idx = self.routing()
+        rows = self._scaled(w).astype(x.dtype)
         task_ids = self._task_rows(ctx.task_ids)
         if path == "fast":
-            return pyramid.forward_fast(self.pyramid, x, A, B, kernels, rows[task_ids])
+            # top-k routing: only each example's routed experts are computed (exact: the rest weigh zero)
+            experts = idx[task_ids] if self.routed and self.cfg.top_k is not None else None
+            return pyramid.forward_fast(self.pyramid, x, A, B, kernels, rows[task_ids], experts)
         fn = pyramid.forward_materialized if path == "materialized" else pyramid.forward_conv
         return fn(self.pyramid, x, A, B, kernels, rows, task_ids)
 

@@ -101,3 +101,43 @@ def lowrank_per_example(x: Array, p: Array, q: Array) -> Array:
     lead = x.shape[:-1]
     x3 = x.reshape(x.shape[0], -1, x.shape[-1])
     return _lowrank_batched(x3, p, q).reshape(*lead, q.shape[-1])
+
+
+@jax.custom_vjp
+def _lowrank_both(x: Array, pt: Array, q: Array) -> Array:
+    return jnp.einsum("bsr,bro->bso", jnp.einsum("bsm,brm->bsr", x, pt), q)
+
+
+def _lowrank_both_fwd(x, pt, q):
+    v = jnp.einsum("bsm,brm->bsr", x, pt)  # (B, S, r)
+    return jnp.einsum("bsr,bro->bso", v, q), (x, pt, q, v)
+
+
+def _lowrank_both_bwd(res, g):
+    x, pt, q, v = res
+    gv = jnp.einsum("bso,bro->bsr", g, q)  # (B, S, r)
+    dq = jnp.einsum("bsr,bso->bro", v, g)  # per example: small v transposed, g read as [K, N]
+    dpt = jnp.einsum("bsr,bsm->brm", gv, x)  # likewise: x is never transposed
+    return jnp.einsum("bsr,brm->bsm", gv, pt), dpt, dq
+
+
+_lowrank_both.defvjp(_lowrank_both_fwd, _lowrank_both_bwd)
+
+
+def lowrank_both_per_example(x: Array, pt: Array, q: Array) -> Array:
+    """``y[b] = (x[b] @ pt[b].T) @ q[b]``: ``x (B, ..., d_in)``, ``pt (B, r, d_in)``, ``q (B, r, d_out)``.
+
+    Both factors per example (``pt`` in the layout of a LoRA ``A``); the backward reads ``x`` untransposed, as
+    :func:`lowrank` does.
+
+    Raises:
+      ValueError: shapes that do not chain, or factors whose batch is not ``x``'s.
+    """
+    if pt.ndim != 3 or q.ndim != 3 or x.ndim < 2:
+        raise ValueError(f"low-rank product: x {x.shape}, P.T {pt.shape}, Q {q.shape}: expected x (B, ..., d_in), "
+                         "P.T (B, r, d_in) and Q (B, r, d_out)")
+    if pt.shape[2] != x.shape[-1] or pt.shape[1] != q.shape[1] or not x.shape[0] == pt.shape[0] == q.shape[0]:
+        raise ValueError(f"low-rank product: x {x.shape}, P.T {pt.shape} and Q {q.shape} do not chain")
+    lead = x.shape[:-1]
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+    return _lowrank_both(x3, pt, q).reshape(*lead, q.shape[-1])

@@ -134,6 +134,21 @@ def test_table_and_run_refuse_bad_input(tmp_path, capsys):
     assert "--dtype='float16'" in capsys.readouterr().err
     assert run.main(["--quick", "--models", "t5_small"]) == 2
     assert "accepted ['llama_tiny', 't5_tiny']" in capsys.readouterr().err
+    assert run.main(["--quick", "--skip", "lora,limit"]) == 2
+    assert "--skip ['limit']: accepted ept_reference" in capsys.readouterr().err
+
+
+def test_skipped_rows_are_recorded_and_left_out_of_the_rounds():
+    spec = setups.QUICK[1]
+    rows, inter = run.run_model(spec, reps=1, warmup=0, dtype="float32", torch_peer=True, log=lambda r: None,
+                                sweeps=True, rounds=1, round_reps=1,
+                                skip=frozenset({"ept_reference", "ept_paper", "ept_materialized", "torch_peft_lora"}))
+    by = {r["row"]: r for r in rows}
+    assert {r["row"] for r in rows if r["status"] == "ok"} == {"limit", "lora"}
+    assert all(r["sweep"] in ("main", "seq_len") for r in rows)  # no EPT sweeps without the EPT row
+    assert by["ept_paper"]["reason"] == "--skip" and by["torch_peft_lora"]["framework"] == "torch"
+    assert by["generate_merged"]["reason"] == "needs the ept_reference row, skipped"
+    assert set(inter["rows"]) == {"limit", "lora"} and [q["name"] for q in inter["ratios"]] == ["lora/limit"]
 
 
 def test_ratios_of_a_skipped_row_carry_the_reason():

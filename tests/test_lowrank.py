@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ept_jax.lowrank import lowrank, lowrank_per_example
+from ept_jax.lowrank import lowrank, lowrank_both_per_example, lowrank_per_example
 
 TOL = dict(atol=1e-11, rtol=1e-11)
 
@@ -76,3 +76,28 @@ def test_lowrank_refuses_shapes_that_do_not_chain(shapes, match):
 def test_lowrank_per_example_refuses_a_batch_mismatch():
     with pytest.raises(ValueError, match=r"per-example Q \(3, 2, 5\) does not match the batch of x \(4, 7, 6\)"):
         lowrank_per_example(jnp.zeros((4, 7, 6)), jnp.zeros((6, 2)), jnp.zeros((3, 2, 5)))
+
+
+@pytest.mark.parametrize("lead", [(4, 6), (3, 2, 5)])
+def test_lowrank_both_per_example_matches_plain_einsum(lead):
+    b = lead[0]
+    x, pt, q = _normal(6, (*lead, 8)), _normal(7, (b, 5, 8)), _normal(8, (b, 5, 9))
+
+    def plain(x, pt, q):
+        return jnp.einsum("b...r,bro->b...o", jnp.einsum("b...m,brm->b...r", x, pt), q)
+
+    _check_grads(jax.jit(lowrank_both_per_example), plain, (x, pt, q))
+
+
+@pytest.mark.parametrize(
+    "shapes, match",
+    [
+        (((4, 7, 6), (4, 2, 5), (4, 2, 3)), r"do not chain"),
+        (((4, 7, 6), (3, 2, 6), (4, 2, 3)), r"do not chain"),
+        (((4, 7, 6), (4, 2, 6), (4, 3, 3)), r"do not chain"),
+        (((4, 7, 6), (2, 6), (4, 2, 3)), r"expected x \(B, \.\.\., d_in\)"),
+    ],
+)
+def test_lowrank_both_per_example_refuses_shapes_that_do_not_chain(shapes, match):
+    with pytest.raises(ValueError, match=match):
+        lowrank_both_per_example(*(jnp.zeros(s) for s in shapes))

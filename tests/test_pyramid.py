@@ -186,28 +186,59 @@ CASES = [
 ]
 
 
-def _paths(p, x, A, B, kernels, rows, task_ids):
-    """(fast, materialized, conv) outputs for one pyramid; conv is the definition (lax.conv_transpose deltas)."""
+def _paths(p, x, A, B, kernels, rows, task_ids, idx=None):
+    """(fast, materialized, conv, [fast over the routed experts]) outputs and the conv deltas of one pyramid;
+    conv is the definition (lax.conv_transpose deltas)."""
     fast = P.forward_fast(p, x, A, B, kernels, rows[task_ids])
     mat = P.forward_materialized(p, x, A, B, kernels, rows, task_ids)
     conv = P.forward_conv(p, x, A, B, kernels, rows, task_ids)
-    return fast, mat, conv, P.expert_deltas(p, A, B, kernels, method="conv")
+    routed = [] if idx is None else [P.forward_fast(p, x, A, B, kernels, rows[task_ids], idx[task_ids])]
+    return [fast, mat, conv, *routed], P.expert_deltas(p, A, B, kernels, method="conv")
 
 
 def _check_paths(p, top_k, use_jit):
     r, n_rows = 3, 5
     A, B, kernels = _params(p, r)
-    rows, _ = _routing(n_rows, 8, p.n_experts, top_k)
+    rows, idx = _routing(n_rows, 8, p.n_experts, top_k)
     task_ids = jnp.array([0, 4, 2, 4])
     x = _normal(11, (4, 3, p.d_in))
     fn = jax.jit(_paths, static_argnums=0) if use_jit else _paths
-    fast, mat, conv, deltas = fn(p, x, A, B, kernels, rows, task_ids)
-    chex.assert_shape([fast, mat, conv], (4, 3, p.d_out))
+    outs, deltas = fn(p, x, A, B, kernels, rows, task_ids, idx if top_k is not None else None)
+    assert len(outs) == (4 if top_k is not None else 3)
+    chex.assert_shape(outs, (4, 3, p.d_out))
     chex.assert_shape(deltas, (p.n_experts, p.d_out, p.d_in))
     # the definition spelled out once more, in numpy: per-example mixture of the conv_transpose deltas
     want = np.einsum("bsi,be,eoi->bso", np.asarray(x), np.asarray(rows)[np.asarray(task_ids)], np.asarray(deltas))
-    for y in (fast, mat, conv):
+    for y in outs:
         np.testing.assert_allclose(y, want, **TOL)
+
+
+@pytest.mark.parametrize("expansion,d_in,d_out,ks,alp", [CASES[0], CASES[1]])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_routed_fast_path_gradients_are_the_mixture_gradients(expansion, d_in, d_out, ks, alp, top_k):
+    """Computing only the routed experts changes no gradient of a parameter (routing included)."""
+    p = P.Pyramid(expansion, d_in, d_out, ks, alp=alp)
+    A, B, kernels = _params(p, 3)
+    gate_w, gate_b, emb = _normal(20, (p.n_experts, 8)), _normal(21, (p.n_experts,)), _normal(22, (5, 8))
+    task_ids = jnp.array([0, 4, 2, 4, 1])
+    x, cot = _normal(23, (5, 3, d_in)), _normal(24, (5, 3, d_out))
+
+    def loss(params, routed):
+        A, B, kernels, gate_w, gate_b, emb = params
+        rows, idx = P.route(gate_w, gate_b, emb, top_k)
+        experts = idx[task_ids] if routed else None
+        if routed:
+            pt, w = P.reference_routed_factors(p, A, B, kernels, rows[task_ids], experts)
+            chex.assert_shape((pt, w), [(5, top_k * 3, d_in // min(ks)), (5, top_k * 3, d_out)])
+        return jnp.sum(P.forward_fast(p, x, A, B, kernels, rows[task_ids], experts) * cot)
+
+    params = (A, B, kernels, gate_w, gate_b, emb)
+    fused = jax.jit(jax.value_and_grad(lambda q: loss(q, False)))(params)
+    routed = jax.jit(jax.value_and_grad(lambda q: loss(q, True)))(params)
+    chex.assert_trees_all_close(routed, fused, **TOL)
+    assert sum(float(jnp.abs(a).sum()) for a in jax.tree.leaves(routed[1][0])) > 0
+    # the release's softmax over the top-k values is constant for k = 1: no gradient reaches the router then
+    assert (float(jnp.abs(routed[1][5]).sum()) > 0) == (top_k > 1)
 
 
 @pytest.mark.parametrize("expansion,d_in,d_out,ks,alp", CASES)
