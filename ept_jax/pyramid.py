@@ -424,31 +424,22 @@ def _per_example(a: Array, x_ndim: int) -> Array:
 
 
 def _reference_banks(p: Pyramid, A, B, kernels: Sequence[Array], dtype) -> tuple[Array, Array]:
-    """Every expert's two factors as parameter-sized banks (reference expansion).
+    """Every expert's exact factors (:func:`reference_expert_factors`) stacked as parameter-sized banks.
 
     ``a_bank[e] = [A_e, 0] (r, M)``: expert ``e``'s seed slice zero-padded to ``M = d_in // k_min`` columns, in
     ``A``'s layout (a low-rank product's backward then yields its gradient in that layout, no transposes), and
-    ``bank[e, q, c*k + j] = K_e[c, j] * B_e[c, q]`` (``(r, d_out)``, zero-padded): the expansion of the seed's
-    rows by the expert's kernel. ``B`` is transposed once per Linear under ALP (every expert slices the same
-    seed), not once per expert.
+    ``bank[e] = F_B.T (r, d_out)``, ``bank[e, q, c*k + j] = K_e[c, j] * B_e[c, q]``: the expansion of the seed's
+    rows by the expert's kernel.
 
     Returns:
       ``a_bank (n_experts, r, M)`` and ``bank (n_experts, r, d_out)``, in ``dtype``.
     """
-    seeds = [_expert_seed(p, A, B, e) for e in range(p.n_experts)]
-    width = max(a_e.shape[1] for a_e, _ in seeds)
-    r = seeds[0][0].shape[0]
-    a_bank = jnp.stack([_pad_to(a_e, (r, width)) for a_e, _ in seeds])
-    b_t = B.T if p.alp else None
-    expanded: dict[int, Array] = {}  # ALP: one expansion of the seed per kernel size
-    bank = []
-    for e, (k, (_, b_e)) in enumerate(zip(p.kernel_sizes, seeds, strict=True)):
-        h = b_e.shape[0]
-        if k not in expanded or not p.alp:
-            bt = b_t[:, :h] if p.alp else b_e.T
-            expanded[k] = _pad_to(jnp.repeat(bt, k, axis=1), (r, p.d_out))  # (r, d_out)
-        bank.append(_pad_to(kernels[e].reshape(-1), (p.d_out,)) * expanded[k])
-    return a_bank.astype(dtype), jnp.stack(bank).astype(dtype)
+    width = max(p.d_in // k for k in p.kernel_sizes)
+    factors = [reference_expert_factors(*_expert_seed(p, A, B, e), kernels[e], p.d_in, p.d_out)
+               for e in range(p.n_experts)]
+    a_bank = jnp.stack([f_a[:, :width] for _, f_a in factors])
+    bank = jnp.stack([f_b.T for f_b, _ in factors])
+    return a_bank.astype(dtype), bank.astype(dtype)
 
 
 def reference_fused_factors(p: Pyramid, A, B, kernels: Sequence[Array], weights: Array) -> tuple[Array, Array]:
