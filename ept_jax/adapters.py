@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ept_jax import pyramid
+from ept_jax import pyramid, pyramid_fast
 from ept_jax.dropout import DROPOUT_IMPLS, dropout
 from ept_jax.nn import Adapter, AdapterContext, AdapterParam, param
 
@@ -434,7 +434,7 @@ class EPTAdapter(Adapter):
         if path == "fast":
             # top-k routing: only each example's routed experts are computed (exact: the rest weigh zero)
             experts = idx[task_ids] if self.routed and self.cfg.top_k is not None else None
-            return pyramid.forward_fast(self.pyramid, x, A, B, kernels, rows[task_ids], experts)
+            return pyramid_fast.forward_fast(self.pyramid, x, A, B, kernels, rows[task_ids], experts)
         fn = pyramid.forward_materialized if path == "materialized" else pyramid.forward_conv
         return fn(self.pyramid, x, A, B, kernels, rows, task_ids)
 

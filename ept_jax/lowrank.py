@@ -1,6 +1,6 @@
 """Low-rank products on activations with a hand-written backward: ``y = (x @ P) @ Q`` (shared or per-example Q).
 
-Every adapter fast path (LoRA; EPT's reference expansion, :func:`ept_jax.pyramid.forward_fast`) is two thin
+Every adapter fast path (LoRA; EPT's expansions, :func:`ept_jax.pyramid_fast.forward_fast`) is two thin
 matmuls on the activations. Their automatic transpose computes the first factor's gradient as
 ``x.T @ (g @ Q.T)``: the big activation ``x (T, d_in)`` is the *left* operand contracted over its major (token)
 axis, and XLA's CPU backend materialises ``x.T`` for it, fusing whatever produced ``x`` (dropout's random bits,
@@ -134,10 +134,73 @@ def lowrank_both_per_example(x: Array, pt: Array, q: Array) -> Array:
       ValueError: shapes that do not chain, or factors whose batch is not ``x``'s.
     """
     if pt.ndim != 3 or q.ndim != 3 or x.ndim < 2:
-        raise ValueError(f"low-rank product: x {x.shape}, P.T {pt.shape}, Q {q.shape}: expected x (B, ..., d_in), "
-                         "P.T (B, r, d_in) and Q (B, r, d_out)")
+        raise ValueError(
+            f"low-rank product: x {x.shape}, P.T {pt.shape}, Q {q.shape}: expected x (B, ..., d_in), "
+            "P.T (B, r, d_in) and Q (B, r, d_out)"
+        )
     if pt.shape[2] != x.shape[-1] or pt.shape[1] != q.shape[1] or not x.shape[0] == pt.shape[0] == q.shape[0]:
         raise ValueError(f"low-rank product: x {x.shape}, P.T {pt.shape} and Q {q.shape} do not chain")
     lead = x.shape[:-1]
     x3 = x.reshape(x.shape[0], -1, x.shape[-1])
     return _lowrank_both(x3, pt, q).reshape(*lead, q.shape[-1])
+
+
+@jax.custom_vjp
+def _thin_2d(x: Array, p: Array) -> Array:
+    return x @ p
+
+
+def _thin_2d_fwd(x, p):
+    return x @ p, (x, p)
+
+
+def _thin_2d_bwd(res, g):
+    x, p = res
+    return _contract(g, p, 1, 1), _contract(g, x, 0, 0).T
+
+
+_thin_2d.defvjp(_thin_2d_fwd, _thin_2d_bwd)
+
+
+def thin_project(x: Array, p: Array) -> Array:
+    """``x @ p`` for a thin ``p (d_in, r)``: ``x (..., d_in)`` -> ``(..., r)``; the backward forms ``p``'s
+    gradient as ``(g.T @ x).T`` so the big ``x`` is never transposed (see the module docstring).
+
+    Raises:
+      ValueError: shapes that do not chain.
+    """
+    if p.ndim != 2 or x.shape[-1] != p.shape[0]:
+        raise ValueError(f"thin projection: x {x.shape} and P {p.shape} do not chain (expected P (d_in, r))")
+    lead = x.shape[:-1]
+    return _thin_2d(x.reshape(-1, x.shape[-1]), p).reshape(*lead, p.shape[1])
+
+
+@jax.custom_vjp
+def _expand_2d(v: Array, q: Array) -> Array:
+    return v @ q
+
+
+def _expand_2d_fwd(v, q):
+    return v @ q, (v, q)
+
+
+def _expand_2d_bwd(res, g):
+    v, q = res
+    return _contract(g, q, 1, 1), _contract(v, g, 0, 0)
+
+
+_expand_2d.defvjp(_expand_2d_fwd, _expand_2d_bwd)
+
+
+def thin_expand(v: Array, q: Array) -> Array:
+    """``v @ q`` for a thin ``v (..., r)`` and ``q (r, d_out)`` -> ``(..., d_out)``; the backward forms ``q``'s
+    gradient as ``v.T @ g`` with the small ``v`` as the transposed operand and the big cotangent ``g`` read in its
+    natural layout (left to autodiff, XLA's CPU backend may transpose ``g`` instead).
+
+    Raises:
+      ValueError: shapes that do not chain.
+    """
+    if q.ndim != 2 or v.shape[-1] != q.shape[0]:
+        raise ValueError(f"thin expansion: v {v.shape} and Q {q.shape} do not chain (expected Q (r, d_out))")
+    lead = v.shape[:-1]
+    return _expand_2d(v.reshape(-1, v.shape[-1]), q).reshape(*lead, q.shape[1])

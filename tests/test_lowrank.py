@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ept_jax.lowrank import lowrank, lowrank_both_per_example, lowrank_per_example
+from ept_jax.lowrank import lowrank, lowrank_both_per_example, lowrank_per_example, thin_expand, thin_project
 
 TOL = dict(atol=1e-11, rtol=1e-11)
 
@@ -30,8 +30,9 @@ def _check_grads(fn, plain, args, cot_seed=9):
     chex.assert_trees_all_close(out, plain(*args), **TOL)
     cot = _normal(cot_seed, out.shape)
     # A weighted sum with a random cotangent: every output element's gradient enters.
-    got = jax.grad(lambda *a: jnp.sum(fn(*a) * cot), argnums=(0, 1, 2))(*args)
-    want = jax.grad(lambda *a: jnp.sum(plain(*a) * cot), argnums=(0, 1, 2))(*args)
+    argnums = tuple(range(len(args)))
+    got = jax.grad(lambda *a: jnp.sum(fn(*a) * cot), argnums=argnums)(*args)
+    want = jax.grad(lambda *a: jnp.sum(plain(*a) * cot), argnums=argnums)(*args)
     chex.assert_trees_all_close(got, want, **TOL)
     chex.assert_trees_all_equal_shapes(got, args)
 
@@ -101,3 +102,25 @@ def test_lowrank_both_per_example_matches_plain_einsum(lead):
 def test_lowrank_both_per_example_refuses_shapes_that_do_not_chain(shapes, match):
     with pytest.raises(ValueError, match=match):
         lowrank_both_per_example(*(jnp.zeros(s) for s in shapes))
+
+
+@pytest.mark.parametrize("lead", [(7,), (2, 3, 4)])
+def test_thin_project_matches_plain_matmul(lead):
+    x, p = _normal(10, (*lead, 12)), _normal(11, (12, 3))
+    _check_grads(jax.jit(thin_project), lambda x, p: x @ p, (x, p))
+
+
+def test_thin_project_refuses_shapes_that_do_not_chain():
+    with pytest.raises(ValueError, match=r"x \(4, 6\) and P \(5, 2\)"):
+        thin_project(jnp.zeros((4, 6)), jnp.zeros((5, 2)))
+
+
+@pytest.mark.parametrize("lead", [(7,), (2, 3, 4)])
+def test_thin_expand_matches_plain_matmul(lead):
+    v, q = _normal(12, (*lead, 3)), _normal(13, (3, 10))
+    _check_grads(jax.jit(thin_expand), lambda v, q: v @ q, (v, q))
+
+
+def test_thin_expand_refuses_shapes_that_do_not_chain():
+    with pytest.raises(ValueError, match=r"v \(4, 3\) and Q \(2, 5\)"):
+        thin_expand(jnp.zeros((4, 3)), jnp.zeros((2, 5)))

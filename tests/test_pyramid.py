@@ -1,4 +1,6 @@
-"""Exact-math tests of ept_jax.pyramid (float64): every path of both expansions against the definitions."""
+"""Exact-math tests of ept_jax.pyramid (float64): every path of both expansions against the definitions.
+
+The fast paths' gradients and layouts: tests/test_pyramid_fast.py."""
 
 from __future__ import annotations
 
@@ -7,42 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from pyramid_cases import TOL, normal, pyramid_params, routing, x64  # noqa: F401 (x64: autouse fixture)
 
 from ept_jax import pyramid as P
-
-TOL = dict(atol=1e-10, rtol=1e-10)
-
-
-@pytest.fixture(autouse=True)
-def x64():
-    prev = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", prev)
-
-
-def _normal(seed, shape):
-    # numpy draws: jax.random would compile once per new shape, which dominates a test of small shapes.
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float64)
-
-
-def _params(p: P.Pyramid, r: int, seed: int = 0):
-    """Random A, B (shared seed or per-expert lists) and kernels for pyramid ``p``."""
-    keys = iter(range(seed * 1000, seed * 1000 + 1000))
-    if p.alp:
-        seed_in, seed_out = p.seed_shape
-        A, B = _normal(next(keys), (r, seed_in)), _normal(next(keys), (seed_out, r))
-    else:
-        A = [_normal(next(keys), (r, p.d_in // k)) for k in p.kernel_sizes]
-        B = [_normal(next(keys), (p.d_out // k, r)) for k in p.kernel_sizes]
-    kernels = [_normal(next(keys), p.kernel_shape(e)) for e in range(p.n_experts)]
-    return A, B, kernels
-
-
-def _routing(n_rows: int, d: int, n_experts: int, top_k, seed: int = 7):
-    gate_w, gate_b = _normal(seed, (n_experts, d)), _normal(seed + 1, (n_experts,))
-    emb = _normal(seed + 2, (n_rows, d))
-    return P.route(gate_w, gate_b, emb, top_k)
+from ept_jax import pyramid_fast as F
 
 
 def _np_softmax(a):
@@ -56,7 +26,7 @@ def _np_softmax(a):
 @pytest.mark.parametrize("top_k", [1, 2, 3, None])
 def test_route_matches_numpy(top_k):
     n_rows, d, n = 8, 16, 8
-    gate_w, gate_b, emb = _normal(1, (n, d)), _normal(2, (n,)), _normal(3, (n_rows, d))
+    gate_w, gate_b, emb = normal(1, (n, d)), normal(2, (n,)), normal(3, (n_rows, d))
     w, idx = P.route(gate_w, gate_b, emb, top_k)
     chex.assert_shape(w, (n_rows, n))
     probs = _np_softmax(np.asarray(emb) @ np.asarray(gate_w).T + np.asarray(gate_b))
@@ -77,7 +47,7 @@ def test_route_matches_numpy(top_k):
 
 def test_route_rejects_bad_top_k():
     with pytest.raises(ValueError, match="top_k=9"):
-        P.route(_normal(1, (8, 4)), None, _normal(2, (3, 4)), 9)
+        P.route(normal(1, (8, 4)), None, normal(2, (3, 4)), 9)
 
 
 # ------------------------------------------------------------------------------------------- one expert
@@ -95,8 +65,8 @@ def _reference_expert_all(a, b, kern, d_in, d_out):
 def test_reference_expert_paths_agree(d_in, d_out, k):
     r = 3
     m, h = P.alp_dims(k, d_in, d_out)
-    a, b = P.alp_slice(_normal(1, (r, d_in // 2)), _normal(2, (d_out // 2, r)), k, d_in, d_out)
-    kern = _normal(3, (h, k))
+    a, b = P.alp_slice(normal(1, (r, d_in // 2)), normal(2, (d_out // 2, r)), k, d_in, d_out)
+    kern = normal(3, (h, k))
     chex.assert_shape((a, b), [(r, m), (h, r)])
     eager = _reference_expert_all(a, b, kern, d_in, d_out)
     jitted = jax.jit(_reference_expert_all, static_argnums=(3, 4))(a, b, kern, d_in, d_out)
@@ -121,7 +91,7 @@ def test_reference_expert_paths_agree(d_in, d_out, k):
 @pytest.mark.parametrize("d_out,k", [(64, 6), (48, 4)])
 def test_reference_expand_conv_matches_activation_formula(d_out, k):
     h = d_out // k
-    z, kern = _normal(1, (5, h)), _normal(2, (h, k))
+    z, kern = normal(1, (5, h)), normal(2, (h, k))
     y = P.reference_expand(z, kern, d_out)
     chex.assert_shape(y, (5, d_out))
     chex.assert_trees_all_close(P.reference_expand_conv(z, kern, d_out), y, **TOL)
@@ -137,10 +107,10 @@ def test_expansions_match_torch_conv_transpose2d():
     F = torch.nn.functional
     r, d_in, d_out, k = 3, 64, 64, 6
     m, h = P.alp_dims(k, d_in, d_out)
-    a, b = _normal(1, (r, m)), _normal(2, (h, r))
+    a, b = normal(1, (r, m)), normal(2, (h, r))
     z = np.asarray(b) @ np.asarray(a)
     # reference: depthwise over the h rows, kernel (k, 1), stride (k, 1), as the release's (1, h, k, 1) tensor.
-    kern = _normal(3, (h, k))
+    kern = normal(3, (h, k))
     t_out = F.conv_transpose2d(
         torch.tensor(z).view(1, h, 1, m), torch.tensor(np.asarray(kern)).view(h, 1, k, 1), stride=(k, 1), groups=h
     )  # (1, h, k, m)
@@ -148,7 +118,7 @@ def test_expansions_match_torch_conv_transpose2d():
     want[: h * k, :m] = t_out.numpy().reshape(h * k, m)
     np.testing.assert_allclose(P.reference_expert_delta_conv(a, b, kern, d_in, d_out), want, **TOL)
     # paper: one h x m image, kernel (k, k), stride k.
-    kk = _normal(4, (k, k))
+    kk = normal(4, (k, k))
     t_out = F.conv_transpose2d(
         torch.tensor(z).view(1, 1, h, m), torch.tensor(np.asarray(kk)).view(1, 1, k, k), stride=k
     )
@@ -162,8 +132,8 @@ def _paper_expert_all(a, b, kern):
 @pytest.mark.parametrize("d_in,d_out,k", [(48, 24, 4), (36, 72, 3)])
 def test_paper_expert_paths_agree(d_in, d_out, k):
     r = 2
-    a, b = _normal(1, (r, d_in // k)), _normal(2, (d_out // k, r))
-    kern = _normal(3, (k, k))
+    a, b = normal(1, (r, d_in // k)), normal(2, (d_out // k, r))
+    kern = normal(3, (k, k))
     want = np.kron(np.asarray(b) @ np.asarray(a), np.asarray(kern))
     for kron, conv, (f_b, f_a) in (_paper_expert_all(a, b, kern), jax.jit(_paper_expert_all)(a, b, kern)):
         chex.assert_shape([kron, conv], (d_out, d_in))
@@ -183,25 +153,26 @@ CASES = [
     ("reference", 48, 80, (4, 4, 4, 4), True),  # homogeneous (EPT-4)
     ("paper", 48, 24, (2, 2, 4, 4, 6, 6, 3, 3), True),
     ("paper", 48, 24, (2, 4, 6, 3), False),
+    ("paper", 64, 32, (2, 2, 4, 4, 8, 8, 16, 16), True),  # one chain 2 | 4 | 8 | 16 (T5's benchmark sizes)
 ]
 
 
 def _paths(p, x, A, B, kernels, rows, task_ids, idx=None):
     """(fast, materialized, conv, [fast over the routed experts]) outputs and the conv deltas of one pyramid;
     conv is the definition (lax.conv_transpose deltas)."""
-    fast = P.forward_fast(p, x, A, B, kernels, rows[task_ids])
+    fast = F.forward_fast(p, x, A, B, kernels, rows[task_ids])
     mat = P.forward_materialized(p, x, A, B, kernels, rows, task_ids)
     conv = P.forward_conv(p, x, A, B, kernels, rows, task_ids)
-    routed = [] if idx is None else [P.forward_fast(p, x, A, B, kernels, rows[task_ids], idx[task_ids])]
+    routed = [] if idx is None else [F.forward_fast(p, x, A, B, kernels, rows[task_ids], idx[task_ids])]
     return [fast, mat, conv, *routed], P.expert_deltas(p, A, B, kernels, method="conv")
 
 
 def _check_paths(p, top_k, use_jit):
     r, n_rows = 3, 5
-    A, B, kernels = _params(p, r)
-    rows, idx = _routing(n_rows, 8, p.n_experts, top_k)
+    A, B, kernels = pyramid_params(p, r)
+    rows, idx = routing(n_rows, 8, p.n_experts, top_k)
     task_ids = jnp.array([0, 4, 2, 4])
-    x = _normal(11, (4, 3, p.d_in))
+    x = normal(11, (4, 3, p.d_in))
     fn = jax.jit(_paths, static_argnums=0) if use_jit else _paths
     outs, deltas = fn(p, x, A, B, kernels, rows, task_ids, idx if top_k is not None else None)
     assert len(outs) == (4 if top_k is not None else 3)
@@ -211,34 +182,6 @@ def _check_paths(p, top_k, use_jit):
     want = np.einsum("bsi,be,eoi->bso", np.asarray(x), np.asarray(rows)[np.asarray(task_ids)], np.asarray(deltas))
     for y in outs:
         np.testing.assert_allclose(y, want, **TOL)
-
-
-@pytest.mark.parametrize("expansion,d_in,d_out,ks,alp", [CASES[0], CASES[1]])
-@pytest.mark.parametrize("top_k", [1, 2, 3])
-def test_routed_fast_path_gradients_are_the_mixture_gradients(expansion, d_in, d_out, ks, alp, top_k):
-    """Computing only the routed experts changes no gradient of a parameter (routing included)."""
-    p = P.Pyramid(expansion, d_in, d_out, ks, alp=alp)
-    A, B, kernels = _params(p, 3)
-    gate_w, gate_b, emb = _normal(20, (p.n_experts, 8)), _normal(21, (p.n_experts,)), _normal(22, (5, 8))
-    task_ids = jnp.array([0, 4, 2, 4, 1])
-    x, cot = _normal(23, (5, 3, d_in)), _normal(24, (5, 3, d_out))
-
-    def loss(params, routed):
-        A, B, kernels, gate_w, gate_b, emb = params
-        rows, idx = P.route(gate_w, gate_b, emb, top_k)
-        experts = idx[task_ids] if routed else None
-        if routed:
-            pt, w = P.reference_routed_factors(p, A, B, kernels, rows[task_ids], experts)
-            chex.assert_shape((pt, w), [(5, top_k * 3, d_in // min(ks)), (5, top_k * 3, d_out)])
-        return jnp.sum(P.forward_fast(p, x, A, B, kernels, rows[task_ids], experts) * cot)
-
-    params = (A, B, kernels, gate_w, gate_b, emb)
-    fused = jax.jit(jax.value_and_grad(lambda q: loss(q, False)))(params)
-    routed = jax.jit(jax.value_and_grad(lambda q: loss(q, True)))(params)
-    chex.assert_trees_all_close(routed, fused, **TOL)
-    assert sum(float(jnp.abs(a).sum()) for a in jax.tree.leaves(routed[1][0])) > 0
-    # the release's softmax over the top-k values is constant for k = 1: no gradient reaches the router then
-    assert (float(jnp.abs(routed[1][5]).sum()) > 0) == (top_k > 1)
 
 
 @pytest.mark.parametrize("expansion,d_in,d_out,ks,alp", CASES)
@@ -261,8 +204,8 @@ def test_forward_paths_agree_eagerly(p):
 def test_lora_factors_reproduce_mixture_with_stated_rank(expansion, d_in, d_out, ks, alp):
     p = P.Pyramid(expansion, d_in, d_out, ks, alp=alp)
     r = 3
-    A, B, kernels = _params(p, r)
-    rows, _ = _routing(2, 8, p.n_experts, 2)
+    A, B, kernels = pyramid_params(p, r)
+    rows, _ = routing(2, 8, p.n_experts, 2)
     merged = jax.jit(jax.vmap(lambda w: P.mixture_delta(p, A, B, kernels, w)))(rows)
     for t in range(2):
         sel = tuple(int(e) for e in np.nonzero(np.asarray(rows[t]))[0])
@@ -274,8 +217,8 @@ def test_lora_factors_reproduce_mixture_with_stated_rank(expansion, d_in, d_out,
 
 def test_reference_lora_factors_under_jit_with_traced_experts():
     p = P.Pyramid("reference", 64, 64, (2, 2, 4, 4, 6, 6, 8, 8))
-    A, B, kernels = _params(p, 4)
-    rows, idx = _routing(8, 8, 8, 2)
+    A, B, kernels = pyramid_params(p, 4)
+    rows, idx = routing(8, 8, 8, 2)
 
     def check(w, i):
         f_b, f_a = P.lora_factors(p, A, B, kernels, w, i)
@@ -288,7 +231,7 @@ def test_reference_lora_factors_under_jit_with_traced_experts():
 
 def test_paper_lora_factors_need_concrete_experts():
     p = P.Pyramid("paper", 48, 24, (2, 4))
-    A, B, kernels = _params(p, 2)
+    A, B, kernels = pyramid_params(p, 2)
     w = jnp.array([0.3, 0.7])
     with pytest.raises(ValueError, match="concrete"):
         jax.jit(lambda i: P.lora_factors(p, A, B, kernels, w, i))(jnp.array([0, 1]))
@@ -322,11 +265,11 @@ def test_pyramid_rejects_bad_geometry(kwargs, match):
 
 def test_alp_slice_rejects_small_seed():
     with pytest.raises(ValueError, match="too small for kernel size 2"):
-        P.alp_slice(_normal(1, (2, 8)), _normal(2, (8, 2)), 2, 64, 16)
+        P.alp_slice(normal(1, (2, 8)), normal(2, (8, 2)), 2, 64, 16)
 
 
 def test_contrastive_loss_matches_numpy():
-    x0, emb = _normal(1, (4, 16)), _normal(2, (8, 16))
+    x0, emb = normal(1, (4, 16)), normal(2, (8, 16))
     task_ids = jnp.array([0, 3, 3, 7])
     tau = 0.05
     loss = jax.jit(P.contrastive_loss, static_argnums=3)(x0, emb, task_ids, tau)
