@@ -146,61 +146,34 @@ def lowrank_both_per_example(x: Array, pt: Array, q: Array) -> Array:
 
 
 @jax.custom_vjp
-def _thin_2d(x: Array, p: Array) -> Array:
-    return x @ p
+def _thin_2d(a: Array, b: Array) -> Array:
+    return a @ b
 
 
-def _thin_2d_fwd(x, p):
-    return x @ p, (x, p)
+def _thin_2d_fwd(a, b):
+    return a @ b, (a, b)
 
 
 def _thin_2d_bwd(res, g):
-    x, p = res
-    return _contract(g, p, 1, 1), _contract(g, x, 0, 0).T
+    a, b = res
+    # b's gradient a.T @ g with the thinner of a (T, K) and g (T, N) as the transposed operand, the big one read
+    # in its natural [K, N] layout
+    db = _contract(a, g, 0, 0) if a.shape[1] <= g.shape[1] else _contract(g, a, 0, 0).T
+    return _contract(g, b, 1, 1), db
 
 
 _thin_2d.defvjp(_thin_2d_fwd, _thin_2d_bwd)
 
 
-def thin_project(x: Array, p: Array) -> Array:
-    """``x @ p`` for a thin ``p (d_in, r)``: ``x (..., d_in)`` -> ``(..., r)``; the backward forms ``p``'s
-    gradient as ``(g.T @ x).T`` so the big ``x`` is never transposed (see the module docstring).
+def thin_matmul(a: Array, b: Array) -> Array:
+    """``a @ b`` for ``a (..., K)`` and ``b (K, N)`` with ``K`` or ``N`` small (a projection to or from a thin
+    width): the backward forms ``b``'s gradient with the thin operand transposed, so neither the big activation
+    nor the big cotangent is (left to autodiff, XLA's CPU backend may transpose either; see the module docstring).
 
     Raises:
       ValueError: shapes that do not chain.
     """
-    if p.ndim != 2 or x.shape[-1] != p.shape[0]:
-        raise ValueError(f"thin projection: x {x.shape} and P {p.shape} do not chain (expected P (d_in, r))")
-    lead = x.shape[:-1]
-    return _thin_2d(x.reshape(-1, x.shape[-1]), p).reshape(*lead, p.shape[1])
-
-
-@jax.custom_vjp
-def _expand_2d(v: Array, q: Array) -> Array:
-    return v @ q
-
-
-def _expand_2d_fwd(v, q):
-    return v @ q, (v, q)
-
-
-def _expand_2d_bwd(res, g):
-    v, q = res
-    return _contract(g, q, 1, 1), _contract(v, g, 0, 0)
-
-
-_expand_2d.defvjp(_expand_2d_fwd, _expand_2d_bwd)
-
-
-def thin_expand(v: Array, q: Array) -> Array:
-    """``v @ q`` for a thin ``v (..., r)`` and ``q (r, d_out)`` -> ``(..., d_out)``; the backward forms ``q``'s
-    gradient as ``v.T @ g`` with the small ``v`` as the transposed operand and the big cotangent ``g`` read in its
-    natural layout (left to autodiff, XLA's CPU backend may transpose ``g`` instead).
-
-    Raises:
-      ValueError: shapes that do not chain.
-    """
-    if q.ndim != 2 or v.shape[-1] != q.shape[0]:
-        raise ValueError(f"thin expansion: v {v.shape} and Q {q.shape} do not chain (expected Q (r, d_out))")
-    lead = v.shape[:-1]
-    return _expand_2d(v.reshape(-1, v.shape[-1]), q).reshape(*lead, q.shape[1])
+    if b.ndim != 2 or a.shape[-1] != b.shape[0]:
+        raise ValueError(f"thin matmul: a {a.shape} and b {b.shape} do not chain (expected b (K, N))")
+    lead = a.shape[:-1]
+    return _thin_2d(a.reshape(-1, a.shape[-1]), b).reshape(*lead, b.shape[1])

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ept_jax.lowrank import lowrank_both_per_example, lowrank_per_example, thin_expand, thin_project
+from ept_jax.lowrank import lowrank_both_per_example, lowrank_per_example, thin_matmul
 from ept_jax.pyramid import Pyramid, _effective_kernel, _expert_seed, _group_seed, reference_expert_factors
 
 Array = jax.Array
@@ -123,8 +123,8 @@ def paper_forward(p: Pyramid, x: Array, A, B, kernels: Sequence[Array], weights:
     viewed as ``(m, k)``, i.e. ``y[c*k + j] = sum_{i,l} (B_g A_g)[c, i] Keff[j, l] x[i*k + l]`` = ``(Z (x) Keff) x``.
 
     ``X`` is transposed to ``(k, m)`` so both products are thin matmuls over a minor axis
-    (:func:`ept_jax.lowrank.thin_project`, :func:`ept_jax.lowrank.thin_expand`, whose backward never transposes
-    the big operands); the ``k x k`` mix is a per-example batched product on the small ``(k, r)`` tensor.
+    (:func:`ept_jax.lowrank.thin_matmul`, whose backward never transposes the big operands); the ``k x k`` mix
+    is a per-example batched product on the small ``(k, r)`` tensor.
 
     Args:
       x: ``(B, ..., d_in)``; weights: ``(B, n_experts)`` per-example mixing weights (scales folded in).
@@ -139,9 +139,9 @@ def paper_forward(p: Pyramid, x: Array, A, B, kernels: Sequence[Array], weights:
         m = p.d_in // k
         keff = _effective_kernel(kernels, members, weights).astype(x.dtype)
         xt = jnp.swapaxes(x3.reshape(bt, -1, m, k), -1, -2)  # (B, S, k, m)
-        u = thin_project(xt, a_g.T.astype(x.dtype))  # (B, S, k, r)
+        u = thin_matmul(xt, a_g.T.astype(x.dtype))  # (B, S, k, r)
         v = jnp.einsum("bjl,bslq->bsjq", keff, u)
-        yt = thin_expand(v, b_g.T.astype(x.dtype))  # (B, S, k, h)
+        yt = thin_matmul(v, b_g.T.astype(x.dtype))  # (B, S, k, h)
         y = y + jnp.swapaxes(yt, -1, -2).reshape(bt, -1, p.d_out)
     return y.reshape(x.shape[:-1] + (p.d_out,))
 
@@ -163,8 +163,8 @@ def forward_fast(
     Cost per token ``width * (d_in / k_min + d_out)`` multiply-adds (the factors are built once per example,
     not per token), a few percent of the frozen Linear's ``d_in * d_out``.
 
-    Paper: :func:`paper_forward`; per group ``r * (d_in + d_out) + r * k^2`` per token, plus one permutation of
-    ``x`` and of ``y`` per chain of kernel sizes.
+    Paper: :func:`paper_forward`; per group ``r * (d_in + d_out) + r * k^2`` per token, plus one transposed copy
+    of ``x`` and of ``y``.
 
     Args:
       x: ``(B, ..., d_in)``, batch first.

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ept_jax.lowrank import lowrank, lowrank_both_per_example, lowrank_per_example, thin_expand, thin_project
+from ept_jax.lowrank import lowrank, lowrank_both_per_example, lowrank_per_example, thin_matmul
 
 TOL = dict(atol=1e-11, rtol=1e-11)
 
@@ -105,22 +105,13 @@ def test_lowrank_both_per_example_refuses_shapes_that_do_not_chain(shapes, match
 
 
 @pytest.mark.parametrize("lead", [(7,), (2, 3, 4)])
-def test_thin_project_matches_plain_matmul(lead):
-    x, p = _normal(10, (*lead, 12)), _normal(11, (12, 3))
-    _check_grads(jax.jit(thin_project), lambda x, p: x @ p, (x, p))
+@pytest.mark.parametrize("k,n", [(12, 3), (3, 10)], ids=["to-thin", "from-thin"])
+def test_thin_matmul_matches_plain_matmul(lead, k, n):
+    """Both backward branches: a projection to a thin width and an expansion from one."""
+    a, b = _normal(10, (*lead, k)), _normal(11, (k, n))
+    _check_grads(jax.jit(thin_matmul), lambda a, b: a @ b, (a, b))
 
 
-def test_thin_project_refuses_shapes_that_do_not_chain():
-    with pytest.raises(ValueError, match=r"x \(4, 6\) and P \(5, 2\)"):
-        thin_project(jnp.zeros((4, 6)), jnp.zeros((5, 2)))
-
-
-@pytest.mark.parametrize("lead", [(7,), (2, 3, 4)])
-def test_thin_expand_matches_plain_matmul(lead):
-    v, q = _normal(12, (*lead, 3)), _normal(13, (3, 10))
-    _check_grads(jax.jit(thin_expand), lambda v, q: v @ q, (v, q))
-
-
-def test_thin_expand_refuses_shapes_that_do_not_chain():
-    with pytest.raises(ValueError, match=r"v \(4, 3\) and Q \(2, 5\)"):
-        thin_expand(jnp.zeros((4, 3)), jnp.zeros((2, 5)))
+def test_thin_matmul_refuses_shapes_that_do_not_chain():
+    with pytest.raises(ValueError, match=r"a \(4, 6\) and b \(5, 2\)"):
+        thin_matmul(jnp.zeros((4, 6)), jnp.zeros((5, 2)))
