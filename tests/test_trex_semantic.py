@@ -39,9 +39,14 @@ needs_wheel = pytest.mark.skipif(
 )
 
 
+_LOAD_EMBEDDER = semantic.load_embedder  # the real loader, taken before any fixture patches the module
+
+
 @functools.lru_cache(maxsize=1)
 def _real_embedder():
-    return semantic.load_embedder(semantic.DEFAULT_EMBEDDER)
+    # Not ``semantic.load_embedder``: under the ``embedder`` fixture that name is the patched loader, which calls
+    # this function, so a worker whose first test here uses the fixture recursed forever.
+    return _LOAD_EMBEDDER(semantic.DEFAULT_EMBEDDER)
 
 
 @pytest.fixture
