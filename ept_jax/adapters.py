@@ -66,6 +66,9 @@ class AdapterConfig:
       param_dtype: dtype of the adapter parameters (``"float32"``, ``"bfloat16"``, ``"float64"`` ...).
       forward_path: EPT/DCFT: ``"fast"`` (never materialises a delta; training), ``"materialized"`` (per-task
         deltas, then ``x @ dW.T``) or ``"conv"`` (the ``lax.conv_transpose`` definition); for benchmarks.
+      paper_dense_max_k: EPT paper variant, fast path: kernel sizes up to this one are computed in one dense
+        product with Kronecker factors, larger ones group by group through a transposed view of the input
+        (:func:`ept_jax.pyramid_fast.paper_forward`; the same values, a speed choice; 0 = none dense).
       trex_r1, trex_r2: T-REX (``kind="trex"``): the number of down vectors ``a_i`` (rows of ``A (r1, d_in)``)
         and of up vectors ``b_j`` (columns of ``B (d_out, r2)``); ``r1 * r2`` rank-one experts (the release's
         ``--rank1_flex_rank_allocation 4 8``). Unused by the other kinds.
@@ -88,6 +91,7 @@ class AdapterConfig:
     n_moe_experts: int = 8
     param_dtype: str = "float32"
     forward_path: str = "fast"
+    paper_dense_max_k: int = pyramid_fast.PAPER_DENSE_MAX_K
     trex_r1: int = 4
     trex_r2: int = 8
 
@@ -169,6 +173,9 @@ def validate(cfg: AdapterConfig, d_in: int, d_out: int) -> None:
         )
     if cfg.forward_path not in FORWARD_PATHS:
         raise ValueError(f"forward_path={cfg.forward_path!r}: accepted values are {FORWARD_PATHS}")
+    dense_k = cfg.paper_dense_max_k
+    if isinstance(dense_k, bool) or not isinstance(dense_k, int) or dense_k < 0:
+        raise ValueError(f"paper_dense_max_k={cfg.paper_dense_max_k!r}: must be an integer >= 0")
     _dtype(cfg.param_dtype)
     validator = _REGISTRY[cfg.kind][1]
     if validator is not None:
@@ -434,7 +441,9 @@ class EPTAdapter(Adapter):
         if path == "fast":
             # top-k routing: only each example's routed experts are computed (exact: the rest weigh zero)
             experts = idx[task_ids] if self.routed and self.cfg.top_k is not None else None
-            return pyramid_fast.forward_fast(self.pyramid, x, A, B, kernels, rows[task_ids], experts)
+            return pyramid_fast.forward_fast(
+                self.pyramid, x, A, B, kernels, rows[task_ids], experts, self.cfg.paper_dense_max_k
+            )
         fn = pyramid.forward_materialized if path == "materialized" else pyramid.forward_conv
         return fn(self.pyramid, x, A, B, kernels, rows, task_ids)
 

@@ -6,7 +6,8 @@ module computes the same ``y[b] = x[b] @ dW[t_b].T`` in the order that is cheap 
 
 * Reference expansion (:func:`reference_fused_factors`, :func:`reference_routed_factors`): two thin matmuls on the
   activations, factors built from parameter-sized banks; with top-k routing only each example's routed experts.
-* Paper expansion (:func:`paper_forward`): per kernel size ``k``, with ``x`` viewed as ``(m, k)``,
+* Paper expansion (:func:`paper_forward`): small kernel sizes in one dense low-rank product with Kronecker
+  factors ``(A_g (x) I_k)`` (:func:`paper_dense_factors`); each larger ``k``, with ``x`` viewed as ``(m, k)``,
   ``y = B_g @ ((A_g @ X) @ Keff^T)``: one transpose of ``x`` and of ``y`` per kernel size and thin products whose
   hand-written backward keeps the big operands in their layout. (Tried and not kept: permuting ``x`` once per
   chain of kernel sizes that divide each other, so every size's view is contiguous. XLA's CPU pipeline drops
@@ -118,23 +119,64 @@ def reference_routed_factors(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def paper_forward(p: Pyramid, x: Array, A, B, kernels: Sequence[Array], weights: Array) -> Array:
-    """The paper expansion's adapter output, group by group: ``y = B_g @ ((A_g @ X) @ Keff^T)`` with ``X = x``
-    viewed as ``(m, k)``, i.e. ``y[c*k + j] = sum_{i,l} (B_g A_g)[c, i] Keff[j, l] x[i*k + l]`` = ``(Z (x) Keff) x``.
+#: Kernel sizes up to this one take the paper path's dense Kronecker form (:func:`paper_dense_factors`) by
+#: default; larger ones the transposed form. Chosen by measurement on a 2-core CPU (README, Benchmarks).
+PAPER_DENSE_MAX_K = 8
 
-    ``X`` is transposed to ``(k, m)`` so both products are thin matmuls over a minor axis
-    (:func:`ept_jax.lowrank.thin_matmul`, whose backward never transposes the big operands); the ``k x k`` mix
-    is a per-example batched product on the small ``(k, r)`` tensor.
+
+def paper_dense_factors(p: Pyramid, A, B, kernels: Sequence[Array], weights: Array, groups) -> tuple[Array, Array]:
+    """The paper expansion of ``groups`` as one low-rank product ``y[b] = (x[b] @ P) @ Q[b]``, no transposes.
+
+    Group ``g`` (kernel size ``k``, seed ``A_g (r, m)``, ``B_g (h, r)``, ``m k = d_in``, ``h k = d_out``) is
+    ``(Z (x) Keff) x`` with ``Z = B_g A_g``: ``u = (A_g (x) I_k) x`` (``u[q*k + l] = sum_i A_g[q, i] x[i*k + l]``)
+    then ``y[c*k + j] = sum_{q, l} Keff[b, j, l] B_g[c, q] u[q*k + l]``, i.e. ``Q[b] = (B_g (x) Keff[b]^T)``
+    arranged as ``(r k, d_out)``. Every group's rows are stacked into one projection of width ``r * sum k``: ``k``
+    times a thin product's arithmetic per group, for which the activations are read once, in their layout.
+
+    Returns:
+      ``P (d_in, r * sum k)`` and ``Q (Bt, r * sum k, d_out)``, in ``weights``' dtype.
+    """
+    ps, qs = [], []
+    for k, members in groups:
+        a_g, b_g = _group_seed(p, A, B, members)
+        r, m = a_g.shape
+        h = b_g.shape[0]
+        eye = jnp.eye(k, dtype=a_g.dtype)
+        ps.append((a_g[:, None, :, None] * eye[None, :, None, :]).reshape(r * k, m * k))  # A_g (x) I_k
+        keff = _effective_kernel(kernels, members, weights)  # (Bt, k, k): [b, j, l]
+        qs.append(jnp.einsum("bjl,cq->bqlcj", keff, b_g.astype(keff.dtype)).reshape(-1, r * k, h * k))
+    return jnp.concatenate(ps, 0).T.astype(weights.dtype), jnp.concatenate(qs, 1)
+
+
+def paper_forward(
+    p: Pyramid, x: Array, A, B, kernels: Sequence[Array], weights: Array, dense_max_k: int = PAPER_DENSE_MAX_K
+) -> Array:
+    """The paper expansion's adapter output ``sum_g (Z_g (x) Keff_g) x``, never materialising ``dW``.
+
+    Kernel sizes ``k <= dense_max_k``: one low-rank product over all of them (:func:`paper_dense_factors`; ``k``
+    times the arithmetic of a thin product, activations read once in their layout). Larger ``k``, group by
+    group: ``y = B_g @ ((A_g @ X) @ Keff^T)`` with ``X = x`` viewed as ``(m, k)``, i.e. ``y[c*k + j] = sum_{i,l}
+    (B_g A_g)[c, i] Keff[j, l] x[i*k + l]``; ``X`` is transposed to ``(k, m)`` so both products are thin
+    matmuls over a minor axis (:func:`ept_jax.lowrank.thin_matmul`, whose backward never transposes the big
+    operands) and the ``k x k`` mix is a per-example batched product on the small ``(k, r)`` tensor.
 
     Args:
       x: ``(B, ..., d_in)``; weights: ``(B, n_experts)`` per-example mixing weights (scales folded in).
+      dense_max_k: the largest kernel size computed in the dense form (0: none).
     Returns:
       ``(B, ..., d_out)``.
     """
     bt = x.shape[0]
     x3 = x.reshape(bt, -1, p.d_in)
-    y = jnp.zeros(x3.shape[:-1] + (p.d_out,), x.dtype)
+    dense = [(k, members) for k, members in p.groups if k <= dense_max_k]
+    if dense:
+        pd, qd = paper_dense_factors(p, A, B, kernels, weights, dense)
+        y = lowrank_per_example(x3, pd.astype(x.dtype), qd.astype(x.dtype))
+    else:
+        y = jnp.zeros(x3.shape[:-1] + (p.d_out,), x.dtype)
     for k, members in p.groups:
+        if k <= dense_max_k:
+            continue
         a_g, b_g = _group_seed(p, A, B, members)
         m = p.d_in // k
         keff = _effective_kernel(kernels, members, weights).astype(x.dtype)
@@ -152,7 +194,14 @@ def paper_forward(p: Pyramid, x: Array, A, B, kernels: Sequence[Array], weights:
 
 
 def forward_fast(
-    p: Pyramid, x: Array, A, B, kernels: Sequence[Array], weights: Array, experts: Array | None = None
+    p: Pyramid,
+    x: Array,
+    A,
+    B,
+    kernels: Sequence[Array],
+    weights: Array,
+    experts: Array | None = None,
+    paper_dense_max_k: int = PAPER_DENSE_MAX_K,
 ) -> Array:
     """The adapter output without ever materialising ``dW``.
 
@@ -163,13 +212,15 @@ def forward_fast(
     Cost per token ``width * (d_in / k_min + d_out)`` multiply-adds (the factors are built once per example,
     not per token), a few percent of the frozen Linear's ``d_in * d_out``.
 
-    Paper: :func:`paper_forward`; per group ``r * (d_in + d_out) + r * k^2`` per token, plus one transposed copy
-    of ``x`` and of ``y``.
+    Paper: :func:`paper_forward`; kernel sizes ``k <= paper_dense_max_k`` in one dense product, ``r * k *
+    (d_in + d_out)`` per token and group; larger ones ``r * (d_in + d_out) + r * k^2`` per token plus one
+    transposed copy of ``x`` and of ``y``.
 
     Args:
       x: ``(B, ..., d_in)``, batch first.
       weights: ``(B, n_experts)`` per-example mixing weights (scales folded in; zeros for unrouted experts).
       experts: optional ``(B, top_k)`` the routed experts of each example (``weights`` must be zero off them).
+      paper_dense_max_k: paper expansion: the largest kernel size computed in the dense Kronecker form.
     Returns:
       ``(B, ..., d_out)``.
     """
@@ -179,4 +230,4 @@ def forward_fast(
             return lowrank_both_per_example(x[..., : pt.shape[2]], pt.astype(x.dtype), w.astype(x.dtype))
         a_cat, w = reference_fused_factors(p, A, B, kernels, weights)
         return lowrank_per_example(x[..., : a_cat.shape[1]], a_cat.T.astype(x.dtype), w.astype(x.dtype))
-    return paper_forward(p, x, A, B, kernels, weights)
+    return paper_forward(p, x, A, B, kernels, weights, paper_dense_max_k)

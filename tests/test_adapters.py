@@ -375,6 +375,8 @@ def test_dcft_baseline(kernels, k):
         (dict(param_dtype="int32"), REF_DIMS, "param_dtype='int32' must be a floating dtype"),
         (dict(param_dtype="float77"), REF_DIMS, "param_dtype='float77' is not a dtype"),
         (dict(forward_path="slow"), REF_DIMS, "forward_path='slow'"),
+        (dict(paper_dense_max_k=-1), REF_DIMS, "paper_dense_max_k=-1"),
+        (dict(paper_dense_max_k=2.5), REF_DIMS, "paper_dense_max_k=2.5"),
         (dict(), (0, 8), "d_in=0"),
     ],
 )

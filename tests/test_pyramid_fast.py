@@ -57,9 +57,10 @@ def test_routed_fast_path_gradients_are_the_mixture_gradients(d_in, d_out, ks, a
         (48, 24, (2, 2, 4, 4, 6, 6, 3, 3), True),
     ],
 )
-def test_paper_fast_path_gradients_are_the_materialised_gradients(d_in, d_out, ks, alp):
-    """The permuted paper path: value, input gradient and every parameter gradient equal the materialised
-    delta's (``x @ dW[t].T`` with ``dW`` the Kronecker products)."""
+@pytest.mark.parametrize("dense_max_k", [0, 4, 16])
+def test_paper_fast_path_gradients_are_the_materialised_gradients(d_in, d_out, ks, alp, dense_max_k):
+    """The paper fast path (transposed groups, dense Kronecker groups, or both): value, input gradient and every
+    parameter gradient equal the materialised delta's (``x @ dW[t].T`` with ``dW`` the Kronecker products)."""
     p = P.Pyramid("paper", d_in, d_out, ks, alp=alp)
     params, task_ids, x, cot = _loss_parts(p, 2)
 
@@ -67,7 +68,7 @@ def test_paper_fast_path_gradients_are_the_materialised_gradients(d_in, d_out, k
         A, B, kernels, gate_w, gate_b, emb = params
         rows, _ = P.route(gate_w, gate_b, emb, 2)
         if fast:
-            y = F.forward_fast(p, x, A, B, kernels, rows[task_ids])
+            y = F.forward_fast(p, x, A, B, kernels, rows[task_ids], paper_dense_max_k=dense_max_k)
         else:
             y = P.forward_materialized(p, x, A, B, kernels, rows, task_ids)
         return jnp.sum(y * cot)
