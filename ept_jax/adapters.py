@@ -175,7 +175,7 @@ def validate(cfg: AdapterConfig, d_in: int, d_out: int) -> None:
         raise ValueError(f"forward_path={cfg.forward_path!r}: accepted values are {FORWARD_PATHS}")
     dense_k = cfg.paper_dense_max_k
     if isinstance(dense_k, bool) or not isinstance(dense_k, int) or dense_k < 0:
-        raise ValueError(f"paper_dense_max_k={cfg.paper_dense_max_k!r}: must be an integer >= 0")
+        raise ValueError(f"paper_dense_max_k={dense_k!r}: must be an integer >= 0")
     _dtype(cfg.param_dtype)
     validator = _REGISTRY[cfg.kind][1]
     if validator is not None:

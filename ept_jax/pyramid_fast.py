@@ -128,10 +128,10 @@ def paper_dense_factors(p: Pyramid, A, B, kernels: Sequence[Array], weights: Arr
     """The paper expansion of ``groups`` as one low-rank product ``y[b] = (x[b] @ P) @ Q[b]``, no transposes.
 
     Group ``g`` (kernel size ``k``, seed ``A_g (r, m)``, ``B_g (h, r)``, ``m k = d_in``, ``h k = d_out``) is
-    ``(Z (x) Keff) x`` with ``Z = B_g A_g``: ``u = (A_g (x) I_k) x`` (``u[q*k + l] = sum_i A_g[q, i] x[i*k + l]``)
-    then ``y[c*k + j] = sum_{q, l} Keff[b, j, l] B_g[c, q] u[q*k + l]``, i.e. ``Q[b] = (B_g (x) Keff[b]^T)``
-    arranged as ``(r k, d_out)``. Every group's rows are stacked into one projection of width ``r * sum k``: ``k``
-    times a thin product's arithmetic per group, for which the activations are read once, in their layout.
+    ``Z (x) Keff`` with ``Z = B_g A_g``; by the mixed-product rule (as in :func:`ept_jax.pyramid.paper_expert_factors`)
+    ``Z (x) Keff = (B_g (x) Keff) @ (A_g (x) I_k)``, so ``P`` stacks ``(A_g (x) I_k).T`` and ``Q[b]`` stacks
+    ``(B_g (x) Keff[b]).T``. The projection has width ``r * sum k``: ``k`` times a thin product's arithmetic per
+    group, for which the activations are read once, in their layout.
 
     Returns:
       ``P (d_in, r * sum k)`` and ``Q (Bt, r * sum k, d_out)``, in ``weights``' dtype.
@@ -139,12 +139,9 @@ def paper_dense_factors(p: Pyramid, A, B, kernels: Sequence[Array], weights: Arr
     ps, qs = [], []
     for k, members in groups:
         a_g, b_g = _group_seed(p, A, B, members)
-        r, m = a_g.shape
-        h = b_g.shape[0]
-        eye = jnp.eye(k, dtype=a_g.dtype)
-        ps.append((a_g[:, None, :, None] * eye[None, :, None, :]).reshape(r * k, m * k))  # A_g (x) I_k
-        keff = _effective_kernel(kernels, members, weights)  # (Bt, k, k): [b, j, l]
-        qs.append(jnp.einsum("bjl,cq->bqlcj", keff, b_g.astype(keff.dtype)).reshape(-1, r * k, h * k))
+        keff = _effective_kernel(kernels, members, weights)  # (Bt, k, k)
+        ps.append(jnp.kron(a_g, jnp.eye(k, dtype=a_g.dtype)))
+        qs.append(jnp.swapaxes(jax.vmap(jnp.kron, (None, 0))(b_g.astype(keff.dtype), keff), 1, 2))
     return jnp.concatenate(ps, 0).T.astype(weights.dtype), jnp.concatenate(qs, 1)
 
 
@@ -169,14 +166,13 @@ def paper_forward(
     bt = x.shape[0]
     x3 = x.reshape(bt, -1, p.d_in)
     dense = [(k, members) for k, members in p.groups if k <= dense_max_k]
+    transposed = [(k, members) for k, members in p.groups if k > dense_max_k]
     if dense:
         pd, qd = paper_dense_factors(p, A, B, kernels, weights, dense)
         y = lowrank_per_example(x3, pd.astype(x.dtype), qd.astype(x.dtype))
     else:
         y = jnp.zeros(x3.shape[:-1] + (p.d_out,), x.dtype)
-    for k, members in p.groups:
-        if k <= dense_max_k:
-            continue
+    for k, members in transposed:
         a_g, b_g = _group_seed(p, A, B, members)
         m = p.d_in // k
         keff = _effective_kernel(kernels, members, weights).astype(x.dtype)
