@@ -32,11 +32,12 @@ def torch_device(jax_backend: str) -> tuple[str | None, str | None]:
 
 
 def _ce(logits, labels, mask):
+    """The masked token cross-entropy as transformers computes it (``F.cross_entropy`` on float32 logits, its
+    fused log-softmax + NLL), averaged over ``mask``."""
     import torch
 
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    nll = -torch.gather(logp, -1, labels.long()[..., None])[..., 0]
-    mask = mask.float()
+    nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, -2), labels.long().flatten(), reduction="none")
+    mask = mask.float().flatten()
     return (nll * mask).sum() / mask.sum().clamp_min(1.0)
 
 

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from ept_jax import losses
 from ept_jax import sharding as sharding_lib
 from ept_jax.nn import AdapterContext, adapted_linears, pop_aux_losses
 from train.state import TrainState
@@ -25,12 +26,10 @@ Array = jax.Array
 def cross_entropy(logits: Array, labels: Array, mask: Array) -> Array:
     """Mean token cross-entropy over ``mask``: ``logits (B, L, V)``, ``labels``/``mask`` ``(B, L)`` -> scalar.
 
-    The log-softmax is taken in float32 whatever the logits' dtype; a batch without any target token gives 0.
+    Taken in float32 whatever the logits' dtype, with the one-pass backward of ``ept_jax.losses.token_nll``; a
+    batch without any target token gives 0.
     """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    mask = mask.astype(jnp.float32)
-    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return losses.masked_mean_nll(logits, labels, mask)
 
 
 def forward(family: str, model, batch: dict, ctx: AdapterContext | None) -> Array:
