@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from ept_jax import sharding as sharding_lib
 from ept_jax.nn import TRAINABLE
 from train.errors import UserError
+from train.stacking import LeafStack, stackable
 
 
 def is_variable(x) -> bool:
@@ -136,12 +137,20 @@ def learning_rate_schedule(config) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """Weight decay on matrices only: biases and other vectors are exempt (transformers' Trainer rule)."""
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
+    """Weight decay on matrices only: biases and other vectors are exempt (transformers' Trainer rule).
+
+    On leaves stacked by shape (:class:`train.stacking.LeafStack`) the rule reads each group's leaf shape.
+    """
+    return jax.tree.map(lambda x: x.layout.map_shapes(lambda s: len(s) >= 2) if isinstance(x, LeafStack)
+                        else x.ndim >= 2, params, is_leaf=lambda x: isinstance(x, LeafStack))
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """One optax chain: global-norm clipping, then AdamW with :func:`learning_rate_schedule`."""
+    """One optax chain: global-norm clipping, then AdamW with :func:`learning_rate_schedule`.
+
+    Marked :class:`train.stacking.StackableTransformation`: the training step runs it on the adapter leaves
+    stacked by shape (the same update, far fewer XLA kernels to compile).
+    """
     schedule = learning_rate_schedule(config)
     parts = []
     if float(config.train.grad_clip) > 0:
@@ -150,7 +159,7 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
         optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=float(config.train.weight_decay),
                     mask=decay_mask)
     )
-    return optax.chain(*parts), schedule
+    return stackable(optax.chain(*parts)), schedule
 
 
 # --------------------------------------------------------------------------------------------------- state

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from ept_jax import losses
 from ept_jax import sharding as sharding_lib
 from ept_jax.nn import AdapterContext, adapted_linears, pop_aux_losses
+from train import stacking as stacking_lib
 from train.state import TrainState
 
 Array = jax.Array
@@ -66,7 +67,8 @@ def loss_fn(trainable, frozen, graphdef, batch: dict, dropout_rng: Array, *, fam
 
 @dataclasses.dataclass
 class FlatState:
-    """The leaves of a :class:`TrainState`'s ``trainable``, ``opt_state`` and ``frozen`` (lists of arrays)."""
+    """The step's own leaves: ``trainable`` and ``opt_state`` (stacked by shape when the step stacks; see
+    :class:`TrainStep`) and ``frozen`` (lists of arrays)."""
 
     trainable: list
     opt_state: list
@@ -76,22 +78,28 @@ class FlatState:
 class TrainStep:
     """The jitted training step ``(trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, metrics)``.
 
-    The compiled program (:attr:`jitted`) takes and returns the states' *leaves*: flattening ``nnx.State`` s and
-    rebuilding their Variables costs Python time per Variable on every call (about 60 ms a step for T5-small
-    EPT's ~3,700 adapter and optimizer Variables on a 2-core CPU, more than a whole accelerator step). A loop
-    keeps the leaves instead: ``flat = step.flatten(state)`` once, ``metrics = step.advance(flat, batch, i)``
+    The compiled program (:attr:`jitted`) takes and returns lists of arrays, not ``nnx.State`` s: flattening
+    them and rebuilding their Variables costs Python time per Variable on every call (about 60 ms a step for
+    T5-small EPT's ~3,700 adapter and optimizer Variables on a 2-core CPU, more than a whole accelerator step).
+    With a :class:`~train.stacking.StackableTransformation` (``train.state.make_optimizer``'s) those lists are
+    the adapter leaves *stacked by shape* (:mod:`train.stacking`: the optimizer then compiles to a few dozen
+    kernels instead of ~10 per leaf); with any other transformation, the states' leaves themselves.
+
+    A loop keeps the lists: ``flat = step.flatten(state)`` once, ``metrics = step.advance(flat, batch, i)``
     per step, and ``step.sync(flat, state)`` before anything reads ``state.trainable`` / ``state.opt_state``
-    (evaluation, checkpoints). :meth:`__call__` is the same step over ``nnx.State`` s, for one-off calls.
-    ``trainable`` and ``opt_state`` are donated: after a call, only its outputs are valid.
+    (evaluation, checkpoints), which keep the per-leaf layout. ``flat.trainable`` and ``flat.opt_state`` are
+    donated: after a call only its outputs are valid. Stacked, ``flatten`` and ``sync`` copy, so ``state``
+    stays valid; unstacked, ``flat`` holds ``state``'s own arrays, which the first step donates.
+    :meth:`__call__` is the same step over ``nnx.State`` s, for one-off calls.
     """
 
-    def __init__(self, jitted: Callable, tr_def, opt_def):
-        self.jitted, self.tr_def, self.opt_def = jitted, tr_def, opt_def
+    def __init__(self, jitted: Callable, tr_def, opt_def, stacking: stacking_lib.Stacking | None = None):
+        self.jitted, self.tr_def, self.opt_def, self.stacking = jitted, tr_def, opt_def, stacking
 
     def flatten(self, state: TrainState) -> FlatState:
-        """The leaves of ``state`` (the arrays themselves, not copies)."""
-        return FlatState(jax.tree.leaves(state.trainable), jax.tree.leaves(state.opt_state),
-                         jax.tree.leaves(state.frozen))
+        """The step's lists of ``state`` (stacked copies, or the arrays themselves when the step does not stack)."""
+        tr, opt = self._lists(state.trainable, state.opt_state)
+        return FlatState(tr, opt, jax.tree.leaves(state.frozen))
 
     def advance(self, flat: FlatState, batch: dict, step, frozen: list | None = None) -> dict:
         """One step on ``flat`` in place; returns the metrics. ``frozen`` (leaves) replaces ``flat.frozen``."""
@@ -100,14 +108,22 @@ class TrainStep:
         return metrics
 
     def sync(self, flat: FlatState, state: TrainState) -> None:
-        """Writes ``flat``'s trainable and optimizer leaves into ``state`` (as ``nnx.State`` s)."""
-        state.trainable = jax.tree.unflatten(self.tr_def, flat.trainable)
-        state.opt_state = jax.tree.unflatten(self.opt_def, flat.opt_state)
+        """Writes ``flat``'s trainable and optimizer state into ``state`` (per-leaf ``nnx.State`` s)."""
+        state.trainable, state.opt_state = self._trees(flat.trainable, flat.opt_state)
 
     def __call__(self, trainable, opt_state, frozen, batch: dict, step):
-        tr, opt, metrics = self.jitted(jax.tree.leaves(trainable), jax.tree.leaves(opt_state),
-                                       jax.tree.leaves(frozen), batch, step)
-        return jax.tree.unflatten(self.tr_def, tr), jax.tree.unflatten(self.opt_def, opt), metrics
+        tr, opt, metrics = self.jitted(*self._lists(trainable, opt_state), jax.tree.leaves(frozen), batch, step)
+        return (*self._trees(tr, opt), metrics)
+
+    def _lists(self, trainable, opt_state) -> tuple[list, list]:
+        if self.stacking is not None:
+            return self.stacking.stack(trainable, opt_state)
+        return jax.tree.leaves(trainable), jax.tree.leaves(opt_state)
+
+    def _trees(self, tr: list, opt: list):
+        if self.stacking is not None:
+            return self.stacking.unstack(tr, opt)
+        return jax.tree.unflatten(self.tr_def, tr), jax.tree.unflatten(self.opt_def, opt)
 
 
 def make_train_step(state: TrainState, tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh, *,
@@ -117,7 +133,8 @@ def make_train_step(state: TrainState, tx: optax.GradientTransformation, schedul
     Gradients are taken with respect to ``trainable`` only. A non-finite loss or gradient norm leaves the
     parameters and the optimizer state unchanged (``metrics["finite"]`` is then 0); the caller applies
     ``train.nan_policy``. The dropout key is ``fold_in(PRNGKey(seed), step)``, so a resumed run draws the
-    same masks.
+    same masks. With a :class:`~train.stacking.StackableTransformation` the optimizer, the gradient norm and
+    the non-finite guard run on the adapter leaves stacked by shape (:mod:`train.stacking`).
     """
     graphdef = state.graphdef
     tr_def, opt_def, fr_def = (jax.tree.structure(t) for t in (state.trainable, state.opt_state, state.frozen))
@@ -128,18 +145,27 @@ def make_train_step(state: TrainState, tx: optax.GradientTransformation, schedul
                              f"{tdef.num_leaves}: build the state with train.state.create_train_state")
     batch_sh = sharding_lib.batch_sharding(mesh)
     rep = sharding_lib.replicated(mesh)
+    stacking = None
+    if isinstance(tx, stacking_lib.StackableTransformation):
+        stacking = stacking_lib.Stacking(state.trainable, state.opt_state, *state.shardings[:2])
+        tr_sh, opt_sh = stacking.tr_shardings, stacking.opt_shardings
+    # the trees the jitted step's lists unflatten to: stacked (LeafStack nodes) or per-leaf
+    step_tr_def, step_opt_def = (stacking.tr_def, stacking.opt_def) if stacking is not None else (tr_def, opt_def)
 
     def step_fn(tr_leaves, opt_leaves, fr_leaves, batch, step):
-        trainable = jax.tree.unflatten(tr_def, tr_leaves)
-        opt_state = jax.tree.unflatten(opt_def, opt_leaves)
+        params = jax.tree.unflatten(step_tr_def, tr_leaves)
+        opt_state = jax.tree.unflatten(step_opt_def, opt_leaves)
         frozen = jax.tree.unflatten(fr_def, fr_leaves)
+        trainable = params if stacking is None else jax.tree.unflatten(tr_def, stacking.layout.unstack(params))
         rng = jax.random.fold_in(jax.random.PRNGKey(seed), step)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, parts), grads = grad_fn(trainable, frozen, graphdef, batch, rng, family=family,
                                        contrastive_lambda=contrastive_lambda)
+        if stacking is not None:
+            grads = stacking.layout.stack(jax.tree.leaves(grads))
         grad_norm = optax.global_norm(grads)
-        updates, new_opt = tx.update(grads, opt_state, trainable)
-        new_trainable = optax.apply_updates(trainable, updates)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: [jnp.where(finite, n, o) for n, o in zip(jax.tree.leaves(new), old, strict=True)]
         metrics = {
@@ -150,7 +176,7 @@ def make_train_step(state: TrainState, tx: optax.GradientTransformation, schedul
             "lr": jnp.asarray(schedule(step), jnp.float32),
             "finite": finite.astype(jnp.int32),
         }
-        return keep(new_trainable, tr_leaves), keep(new_opt, opt_leaves), metrics
+        return keep(new_params, tr_leaves), keep(new_opt, opt_leaves), metrics
 
     jitted = jax.jit(
         step_fn,
@@ -158,7 +184,7 @@ def make_train_step(state: TrainState, tx: optax.GradientTransformation, schedul
         out_shardings=(tr_sh, opt_sh, rep),
         donate_argnums=(0, 1),
     )
-    return TrainStep(jitted, tr_def, opt_def)
+    return TrainStep(jitted, tr_def, opt_def, stacking)
 
 
 def merged_frozen(graphdef, trainable, frozen, task: int | Array) -> nnx.State:
