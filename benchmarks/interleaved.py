@@ -2,7 +2,8 @@
 
 A shared 2-core VM drifted by up to ~1.6 x within one run (the limit measured 440 and 830 ms in the same
 process, minutes apart), so a quotient of two medians taken minutes apart can be off by that much. Here the
-main-shape programs of :data:`ROWS` are all compiled first, then timed in ``rounds`` rounds; each round times
+main-shape programs of :data:`ROWS` (training steps, and greedy generation with the base and the EPT-merged
+model) are all compiled first, then timed in ``rounds`` rounds; each round times
 every row ``reps`` times, the rows in a rotated order. A ratio is computed within each round (the quotient of
 the two rows' medians in that round) and reported as the median over rounds, with the per-round values.
 
@@ -18,7 +19,9 @@ from typing import Any
 
 from benchmarks import jax_rows, measure
 
-ROWS = ("limit", "lora", "ept_reference", "ept_paper")
+ROWS = ("limit", "lora", "ept_reference", "ept_paper", "generate_base", "generate_merged")
+#: generation rows of the rounds, built from the ept_reference row's state (:func:`jax_rows.generation_models`)
+GENERATE = ("generate_base", "generate_merged")
 
 
 def interleaved(spec, tensors, adapters: dict[str, dict[str, Any]], ratio_specs, *, rounds: int, reps: int,
@@ -28,22 +31,30 @@ def interleaved(spec, tensors, adapters: dict[str, dict[str, Any]], ratio_specs,
     Args:
       adapters: the adapter overrides of the training rows (``benchmarks.run.ADAPTERS``).
       ratio_specs: ``(name, numerator, denominator, target)`` tuples; those over the timed rows are computed.
-      skip: rows of :data:`ROWS` to leave out.
+      skip: rows of :data:`ROWS` to leave out; ``generate`` (or ``ept_reference``, whose state they use) leaves out
+        the generation rows.
     Raises:
       ValueError: ``rounds < 1`` or ``reps < 1``.
     """
     if rounds < 1 or reps < 1:
         raise ValueError(f"rounds={rounds}, reps={reps}: need both >= 1")
-    names = tuple(n for n in ROWS if n not in skip)
+    no_generation = "generate" in skip or "ept_reference" in skip
+    names = tuple(n for n in ROWS if n not in skip and not (n in GENERATE and no_generation))
     calls = {}
-    for name in names:
+    for name in (n for n in names if n not in GENERATE):
         if name == "limit":
             gen = jax_rows.limit_calls(spec, tensors, (spec.seq,), dtype=dtype)
         else:
             gen = jax_rows.train_calls(spec, adapters[name], tensors, (spec.seq,), dtype=dtype)
-        calls[name] = next(gen)[1]
-        for _ in range(warmup):
-            measure.block(calls[name]())
+        item = next(gen)
+        calls[name] = item[1]
+        if name == "ept_reference" and not no_generation:  # before its first step: the state's initial adapters
+            for g, gd, st, ctx in jax_rows.generation_models(spec, tensors, item[4], dtype=dtype):
+                if g in GENERATE:
+                    calls[g] = jax_rows.generate_call(spec, gd, st, ctx)[0]
+        for n in [name, *(g for g in GENERATE if g in calls and name == "ept_reference")]:
+            for _ in range(warmup):
+                measure.block(calls[n]())
     times: dict[str, list[list[float]]] = {n: [] for n in names}
     for k in range(rounds):
         order = names[k % len(names):] + names[: k % len(names)]

@@ -187,12 +187,10 @@ def train_rows(spec: ModelSpec, name: str, adapter: dict[str, Any], tensors: dic
     return rows, st
 
 
-def generate_row(spec: ModelSpec, name: str, graphdef, state: nnx.State, ctx: AdapterContext | None, *, reps: int,
-                 warmup: int, dtype: str) -> dict[str, Any]:
-    """Greedy generation of ``gen_new`` tokens for the prompt batch by ``train.steps.generate`` under one jit.
+def generate_call(spec: ModelSpec, graphdef, state: nnx.State, ctx: AdapterContext | None):
+    """``(call, compiled, compile_s)``: greedy generation of ``gen_new`` tokens for the prompt batch under one jit.
 
     ``eos_token_id=None``: every call decodes exactly ``gen_new`` tokens, so all three variants do equal work.
-    ``tokens_per_s`` counts generated tokens, ``B * gen_new`` per call (prefill / encoding included in the time).
     """
     prompts = setups.prompt_batch(spec)
     ids, mask = jnp.asarray(prompts["input_ids"]), jnp.asarray(prompts["attention_mask"])
@@ -203,20 +201,27 @@ def generate_row(spec: ModelSpec, name: str, graphdef, state: nnx.State, ctx: Ad
                               eos_token_id=None, pad_token_id=0)
 
     compiled, compile_s = measure.compile_jit(jax.jit(gen), state, ids, mask, ctx)
-    timing = measure.time_calls(lambda: compiled(state, ids, mask, ctx), reps=reps, warmup=warmup,
-                                sampler=_sampler())
-    shapes = {"batch": spec.batch, "prompt_len": spec.gen_prompt, "new_tokens": new}
-    r = row(spec, name, "generate", shapes, tokens=spec.batch * new)
+    return (lambda: compiled(state, ids, mask, ctx)), compiled, compile_s
+
+
+def generate_row(spec: ModelSpec, name: str, graphdef, state: nnx.State, ctx: AdapterContext | None, *, reps: int,
+                 warmup: int, dtype: str) -> dict[str, Any]:
+    """The row of :func:`generate_call`; ``tokens_per_s`` counts generated tokens, ``B * gen_new`` per call
+    (prefill / encoding included in the time)."""
+    call, compiled, compile_s = generate_call(spec, graphdef, state, ctx)
+    timing = measure.time_calls(call, reps=reps, warmup=warmup, sampler=_sampler())
+    shapes = {"batch": spec.batch, "prompt_len": spec.gen_prompt, "new_tokens": spec.gen_new}
+    r = row(spec, name, "generate", shapes, tokens=spec.batch * spec.gen_new)
     return _finish(r, timing, compiled, compile_s, dtype)
 
 
-def generation_rows(spec: ModelSpec, tensors: dict[str, np.ndarray], ept: state_lib.TrainState, *, reps: int,
-                    warmup: int, dtype: str) -> list[dict[str, Any]]:
-    """``generate_base``, ``generate_merged`` (EPT, task 0 merged) and ``generate_unmerged`` (EPT, routed)."""
+def generation_models(spec: ModelSpec, tensors: dict[str, np.ndarray], ept: state_lib.TrainState, *, dtype: str):
+    """Yields ``(name, graphdef, state, ctx)`` of ``generate_base``, ``generate_merged`` (EPT, task 0 merged) and
+    ``generate_unmerged`` (EPT, routed), one at a time (each state is dropped before the next is built)."""
     base = setups.jax_model(setups.bench_config(spec, None, dtype=dtype), tensors)
     gd, st = nnx.split(base)
     del base
-    out = [generate_row(spec, "generate_base", gd, st, None, reps=reps, warmup=warmup, dtype=dtype)]
+    yield "generate_base", gd, st, None
     del st
     task_ids = jnp.asarray(setups.prompt_batch(spec)["task_ids"])
     graphdef = ept.graphdef
@@ -227,11 +232,14 @@ def generation_rows(spec: ModelSpec, tensors: dict[str, np.ndarray], ept: state_
     # One graphdef for the whole model, so the state passed in is the merge of both parts.
     full_gd, merged_state = nnx.split(nnx.merge(graphdef, ept.trainable, merged))
     off = AdapterContext(task_ids=jnp.zeros_like(task_ids), adapters_enabled=False)
-    out.append(generate_row(spec, "generate_merged", full_gd, merged_state, off, reps=reps, warmup=warmup,
-                            dtype=dtype))
+    yield "generate_merged", full_gd, merged_state, off
     del merged, merged_state
     _, unmerged_state = nnx.split(nnx.merge(graphdef, ept.trainable, ept.frozen))
-    on = AdapterContext(task_ids=task_ids)
-    out.append(generate_row(spec, "generate_unmerged", full_gd, unmerged_state, on, reps=reps, warmup=warmup,
-                            dtype=dtype))
-    return out
+    yield "generate_unmerged", full_gd, unmerged_state, AdapterContext(task_ids=task_ids)
+
+
+def generation_rows(spec: ModelSpec, tensors: dict[str, np.ndarray], ept: state_lib.TrainState, *, reps: int,
+                    warmup: int, dtype: str) -> list[dict[str, Any]]:
+    """The rows of :func:`generation_models`."""
+    return [generate_row(spec, name, gd, st, ctx, reps=reps, warmup=warmup, dtype=dtype)
+            for name, gd, st, ctx in generation_models(spec, tensors, ept, dtype=dtype)]

@@ -65,6 +65,8 @@ class AdapterContext:
       dropout_rng: a PRNG key for adapter dropout, or None for no dropout.
       semantic: ``(batch, n)`` per-example semantic vector for adapters that read one (T-REX's
         ``centroids @ emb(sample)``, ``n = r1 * r2``), or None (such adapters then use zeros).
+      index_offset: added to an adapted Linear's ``index`` when it folds the dropout key (None: 0); set by
+        :func:`ept_jax.layer_scan.run_layers`, where one traced layer stands for every layer.
       deterministic: static; True disables dropout.
       adapters_enabled: static; False makes every adapted Linear behave as its base Linear.
     """
@@ -72,6 +74,7 @@ class AdapterContext:
     task_ids: Array | None = None
     dropout_rng: Array | None = None
     semantic: Array | None = None
+    index_offset: Array | None = None
     deterministic: bool = struct.field(pytree_node=False, default=True)
     adapters_enabled: bool = struct.field(pytree_node=False, default=True)
 
@@ -186,7 +189,8 @@ class AdaptedLinear(nnx.Module):
         if ctx is None or not ctx.active:
             return y
         if ctx.dropout_rng is not None:
-            ctx = ctx.replace(dropout_rng=jax.random.fold_in(ctx.dropout_rng, self.index))
+            index = self.index if ctx.index_offset is None else self.index + ctx.index_offset
+            ctx = ctx.replace(dropout_rng=jax.random.fold_in(ctx.dropout_rng, index), index_offset=None)
         delta = self.adapter(x, ctx)
         if self.counts_contrastive:
             loss = self.adapter.contrastive_loss(x, ctx.task_ids)

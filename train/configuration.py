@@ -32,6 +32,7 @@ MUTABLE_PREFIXES = (
     "train.nan_policy",
     "eval.",
     "mesh.",
+    "model.scan_layers",
 )
 
 
@@ -69,6 +70,9 @@ def validate(config) -> None:
     from ept_jax.data import get_task
 
     _choice(config.model.family, "model.family", FAMILIES)
+    scan = config.model.get("scan_layers", True)
+    if not isinstance(scan, bool):
+        raise UserError(f"model.scan_layers={scan!r}: must be True or False")
     if not config.model.random_init and not config.model.name_or_path:
         raise UserError("model.name_or_path is empty; give a Hugging Face model directory or hub id")
     if config.model.random_init and not config.model.arch:

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from ept_jax import layer_scan
 from ept_jax import sharding as sharding_lib
 from ept_jax.nn import TRAINABLE
 from train.errors import UserError
@@ -33,7 +34,14 @@ def build_model(config) -> nnx.Module:
 
     Adapters are initialised from ``train.seed``. Raises ValueError / CheckpointError naming what is wrong (a
     kernel size the variant cannot use, an unknown target, a model directory without weights, ...).
+    ``model.scan_layers`` (default True) is applied with :func:`ept_jax.layer_scan.set_scan_layers`.
     """
+    model = _build_model(config)
+    layer_scan.set_scan_layers(model, bool(config.model.get("scan_layers", True)))
+    return model
+
+
+def _build_model(config) -> nnx.Module:
     from train.builder import injection
 
     family = str(config.model.family)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ept_jax import layer_scan
 from ept_jax.checkpoints.gguf import layer_index, read_gguf, split_gguf_path
 from ept_jax.checkpoints.hf import CheckpointError, load_into, read_config, read_tensors, resolve_model_dir
 from ept_jax.checkpoints.llama_map import hf_ignore, hf_rules, linear_names
@@ -227,6 +228,8 @@ class LlamaModel(nnx.Module):
       cfg: the architecture.
       injection: which Linears (``q_proj`` ... ``down_proj``) get which adapter; None for the plain model.
       dtype / param_dtype: ``"float32"`` or ``"bfloat16"`` (see the module docstring).
+      scan_layers: run the decoder layers as one ``jax.lax.scan`` when there is no KV cache
+        (:mod:`ept_jax.layer_scan`: the same computation, compiled once instead of once per layer).
       rngs: initialisation keys (base weights are random until loaded, see :func:`from_pretrained`).
     Raises:
       ValueError: an unknown dtype name, or an injection target that names no Linear of the model.
@@ -239,9 +242,11 @@ class LlamaModel(nnx.Module):
         injection: Injection | None = None,
         dtype: str = "float32",
         param_dtype: str = "float32",
+        scan_layers: bool = True,
         rngs: nnx.Rngs,
     ):
         self.cfg = cfg
+        self.scan_layers = scan_layers
         self.dtype = _dtype(dtype, "dtype")
         pdt = _dtype(param_dtype, "param_dtype")
         injector = Injector(injection)
@@ -312,9 +317,14 @@ class LlamaModel(nnx.Module):
         cos, sin = rope_cos_sin(cfg, positions)
         h = self.model.embed_tokens(input_ids)
         new_cache = []
-        for i, layer in enumerate(self.model.layers):
-            h, layer_cache = layer(h, cos, sin, mask, ctx, None if cache is None else cache[i], index)
-            new_cache.append(layer_cache)
+        if cache is None:
+            h = layer_scan.run_layers(list(self.model.layers), h, ctx,
+                                      lambda layer, h, c: layer(h, cos, sin, mask, c, None, index)[0],
+                                      owner=self.model, enabled=self.scan_layers)
+        else:
+            for i, layer in enumerate(self.model.layers):
+                h, layer_cache = layer(h, cos, sin, mask, ctx, cache[i], index)
+                new_cache.append(layer_cache)
         h = self.model.norm(h)
         logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
         return logits.astype(jnp.float32), (None if cache is None else tuple(new_cache))

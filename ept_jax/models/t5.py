@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from ept_jax import layer_scan
 from ept_jax.checkpoints.hf import CheckpointError, load_into, read_config, read_tensors, resolve_model_dir
 from ept_jax.checkpoints.t5_map import ff_linears, hf_ignore, hf_rules, linear_names
 from ept_jax.models.t5_config import T5Config
@@ -323,8 +324,10 @@ class T5Block(nnx.Module):
 class T5Stack(nnx.Module):
     """The encoder or decoder: blocks sharing the first block's position bias, then ``final_layer_norm``."""
 
-    def __init__(self, cfg: T5Config, stack: str, injector: Injector, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: T5Config, stack: str, injector: Injector, *, dtype, param_dtype, rngs: nnx.Rngs,
+                 scan_layers: bool = True):
         depth = cfg.num_layers if stack == "encoder" else cfg.num_decoder_layers
+        self.scan_layers = scan_layers
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.block = nnx.List([T5Block(cfg, stack, i, injector, **kw) for i in range(depth)])
         self.final_layer_norm = _norm(cfg, dtype, param_dtype)
@@ -335,10 +338,18 @@ class T5Stack(nnx.Module):
         """Runs every block over embedded ``h (B, L, d_model)``; returns normed states and the updated caches.
 
         ``q_pos (L,)`` / ``k_pos (S,)`` are the positions the relative bias is computed from; ``cross_kv`` and
-        ``cache`` are per-block tuples (or None).
+        ``cache`` are per-block tuples (or None). Without them, the blocks after the first (which holds the bias
+        table) run as one scan when ``scan_layers`` (:mod:`ept_jax.layer_scan`).
         """
         table_holder = self.block[0].layer[0].SelfAttention
         bias = table_holder.position_bias(q_pos, k_pos, bidirectional=not self.is_decoder)
+        if cache is None and cross_kv is None:
+            def apply(blk, h, c):
+                return blk(h, mask, bias, c, encoder_states=encoder_states, cross_mask=cross_mask, index=index)[0]
+
+            h = apply(self.block[0], h, ctx)
+            h = layer_scan.run_layers(list(self.block)[1:], h, ctx, apply, owner=self, enabled=self.scan_layers)
+            return self.final_layer_norm(h), None
         new_cache = []
         for i, blk in enumerate(self.block):
             h, c = blk(h, mask, bias, ctx, encoder_states=encoder_states, cross_mask=cross_mask,
@@ -374,6 +385,8 @@ class T5Model(nnx.Module):
         stacks) get which adapter; None for the plain model. ``lm_head`` is never adapted.
       dtype / param_dtype: ``"float32"`` or ``"bfloat16"`` (see the module docstring; float32 is the safe
         choice).
+      scan_layers: run each stack's blocks after the first as one ``jax.lax.scan`` when there is no decoding
+        cache (:mod:`ept_jax.layer_scan`: the same computation, compiled once instead of once per block).
       rngs: initialisation keys, ``nnx.Rngs`` or ``ept_jax.nn.KeyStream`` (use the latter under
         ``nnx.eval_shape``/jit); base weights are random until loaded (see :func:`from_pretrained`).
     Raises:
@@ -381,7 +394,7 @@ class T5Model(nnx.Module):
     """
 
     def __init__(self, cfg: T5Config, *, injection: Injection | None = None, dtype: str = "float32",
-                 param_dtype: str = "float32", rngs: nnx.Rngs | KeyStream):
+                 param_dtype: str = "float32", scan_layers: bool = True, rngs: nnx.Rngs | KeyStream):
         self.cfg = cfg
         self.dtype = _dtype(dtype, "dtype")
         pdt = _dtype(param_dtype, "param_dtype")
@@ -389,8 +402,8 @@ class T5Model(nnx.Module):
         injector.check_targets(linear_names(cfg))
         kw = dict(dtype=self.dtype, param_dtype=pdt, rngs=rngs)
         self.shared = T5Embedding(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), 1.0, **kw)
-        self.encoder = T5Stack(cfg, "encoder", injector, **kw)
-        self.decoder = T5Stack(cfg, "decoder", injector, **kw)
+        self.encoder = T5Stack(cfg, "encoder", injector, scan_layers=scan_layers, **kw)
+        self.decoder = T5Stack(cfg, "decoder", injector, scan_layers=scan_layers, **kw)
         # Built directly, never through the injector: the output projection is never adapted.
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), param_dtype=pdt, dtype=self.dtype, rngs=rngs
