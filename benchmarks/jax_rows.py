@@ -211,7 +211,8 @@ def generate_row(spec: ModelSpec, name: str, graphdef, state: nnx.State, ctx: Ad
     call, compiled, compile_s = generate_call(spec, graphdef, state, ctx)
     timing = measure.time_calls(call, reps=reps, warmup=warmup, sampler=_sampler())
     shapes = {"batch": spec.batch, "prompt_len": spec.gen_prompt, "new_tokens": spec.gen_new}
-    r = row(spec, name, "generate", shapes, tokens=spec.batch * spec.gen_new)
+    r = row(spec, name, "generate", shapes, tokens=spec.batch * spec.gen_new,
+            program=measure.program_fingerprint(compiled))
     return _finish(r, timing, compiled, compile_s, dtype)
 
 

@@ -98,6 +98,20 @@ def compile_jit(fn: Callable, *args) -> tuple[Any, float]:
     return compiled, time.perf_counter() - t0
 
 
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%\S+ = (.+?) ([a-z][\w-]*)\(")
+
+
+def program_fingerprint(compiled) -> str:
+    """A digest of the compiled XLA program's instructions, as a multiset of (result shape, opcode) over every
+    computation: names, metadata and source locations left out, so two programs that do the same operations on
+    the same shapes (the base model and the EPT-merged one) get the same digest."""
+    import collections
+    import hashlib
+
+    ops = collections.Counter(m.groups() for m in map(_INSTRUCTION.match, compiled.as_text().splitlines()) if m)
+    return hashlib.sha1(repr(sorted(ops.items())).encode()).hexdigest()[:16]
+
+
 def xla_memory(compiled) -> dict[str, int] | None:
     """The ``xla_*_bytes`` figures of a compiled program (see the module docstring), or None when the backend
     reports none."""

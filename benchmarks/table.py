@@ -76,6 +76,12 @@ def model_tables(result: dict[str, Any], model: str) -> list[str]:
         target = f"<= {q['target']}" if q["target"] is not None else "-"
         met = "-" if q["met"] is None else ("yes" if q["met"] else "**no**")
         lines.append(f"| {q['name']} | {value} | {target} | {met} |")
+    programs = {r["row"]: r.get("program") for r in rows if r["status"] == "ok" and r["kind"] == "generate"}
+    base, merged = programs.get("generate_base"), programs.get("generate_merged")
+    if base and merged:
+        same = ("the same XLA program as" if base == merged else "**a different XLA program** from")
+        lines += ["", f"generate_merged compiles to {same} generate_base (instruction digests {merged}, {base}: the "
+                  "multiset of result shapes and opcodes, `benchmarks.measure.program_fingerprint`)."]
     inter = (result.get("interleaved") or {}).get(model)
     if inter:
         names = list(inter["rows"])

@@ -81,6 +81,10 @@ def test_every_row_ran(quick):
         assert by["torch_peft_lora"]["params"]["trainable"] == by["lora"]["params"]["trainable"]
         assert by["limit"]["params"]["base"] == by["lora"]["params"]["base"] == by["ept_reference"]["params"]["base"]
         assert by["ept_reference"]["flops_per_call"] == by["limit"]["flops_per_call"] > 0
+        # merging leaves the base model's program: the same instructions on the same shapes; the routed
+        # (unmerged) adapters add their own
+        assert by["generate_merged"]["program"] == by["generate_base"]["program"]
+        assert by["generate_unmerged"]["program"] != by["generate_base"]["program"]
 
 
 def test_ratios_are_the_quotients_of_the_medians(quick):
@@ -123,6 +127,7 @@ def test_table_prints_every_model_row_and_ratio(quick, capsys):
     for name, *_ in run.RATIOS:
         assert f"| {name} |" in text
     assert "| ratio, interleaved |" in text
+    assert text.count("generate_merged compiles to the same XLA program as generate_base") == len(setups.QUICK)
 
 
 def test_table_and_run_refuse_bad_input(tmp_path, capsys):
