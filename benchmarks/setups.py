@@ -147,6 +147,10 @@ def hf_tensors(model) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().float().numpy().copy() for k, v in model.state_dict().items()}
 
 
+#: ``model.scan_layers`` of every JAX row (``benchmarks.run --scan-layers``; see :mod:`ept_jax.layer_scan`)
+SCAN_LAYERS = False
+
+
 def bench_config(spec: ModelSpec, adapter: dict[str, Any] | None, *, dtype: str = "float32"):
     """The program's config (``configs.common.base_config``) for ``spec`` with ``adapter`` overrides.
 
@@ -161,6 +165,7 @@ def bench_config(spec: ModelSpec, adapter: dict[str, Any] | None, *, dtype: str 
     c.model.random_init = True
     c.model.arch = dict(spec.arch)
     c.model.dtype = dtype
+    c.model.scan_layers = SCAN_LAYERS
     c.adapter.targets = spec.targets
     c.adapter.expert_kernel_sizes = spec.kernel_sizes
     c.adapter.kind = "none"

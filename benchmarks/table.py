@@ -115,11 +115,17 @@ def model_tables(result: dict[str, Any], model: str) -> list[str]:
     return lines
 
 
+def _scan_note(result: dict[str, Any]) -> str:
+    scan = result.get("scan_layers")
+    return "" if scan is None else f"; layers {'scanned' if scan else 'unrolled'} (model.scan_layers={scan})"
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The whole section: machine, command, then :func:`model_tables` of every model."""
     lines = [f"Machine: {machine_line(result)}.", "",
              f"Command: `{result['command']}` ({result['reps']} timed repetitions after {result['warmup']} warm-up, "
-             f"medians; JAX compute dtype {result['dtype']}; {result['elapsed_s']:.0f} s in all). Times are one "
+             f"medians; JAX compute dtype {result['dtype']}{_scan_note(result)}; {result['elapsed_s']:.0f} s in all). "
+             "Times are one "
              "training step or one `generate` call; a ratio's value is the two medians' quotient. XLA peak: "
              "`compiled.memory_analysis()`; RSS delta: the process's resident-set growth during the warm-up call.",
              ""]

@@ -151,3 +151,23 @@ def test_merged_adapters_evaluate_like_routed_adapters(smoke_run, shared_compila
         fused = evaluation.predict(state, es, tokenizer, mesh, merged_frozen=merge(state.trainable, state.frozen,
                                                                                   es.task_id), **kwargs)
         assert len(plain) == 16 and fused == plain, es.name
+
+
+def test_scanned_layers_train_and_evaluate_like_unrolled_ones(smoke_run, tmp_path):
+    """``model.scan_layers=True`` end to end: the same logged losses, gradient norms and evaluation scores as the
+    unrolled layers (3 + 3 blocks, so each stack scans two; dropout on)."""
+    _, smoke_dir, _ = smoke_run
+    deeper = ["--config.model.arch.num_layers=3",  # and 3 decoder blocks (num_decoder_layers defaults to it)
+              "--config.train.steps=30", "--config.train.eval_every=30", "--config.train.checkpoint_every=30"]
+    runs = {}
+    for scan in (False, True):
+        out = cli([*deeper, f"--config.model.scan_layers={scan}"], tmp_path / f"scan_{scan}",
+                  smoke_dir.parent / "jax_cache")
+        assert out.returncode == 0, out.stderr[-4000:]
+        runs[scan] = records(tmp_path / f"scan_{scan}")
+    assert json.loads((tmp_path / "scan_True" / "config.json").read_text())["model"]["scan_layers"] is True
+    for key in ("loss", "ce", "contrastive", "grad_norm"):
+        a, b = ([r[key] for r in runs[s] if key in r] for s in (False, True))
+        assert len(a) == 3
+        np.testing.assert_allclose(b, a, rtol=1e-3, err_msg=key)
+    assert runs[True][-1]["eval_mean"] == pytest.approx(runs[False][-1]["eval_mean"], abs=1e-6)
