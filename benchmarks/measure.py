@@ -17,6 +17,8 @@ Memory, each figure named for what it is:
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import os
 import platform
 import re
@@ -105,9 +107,6 @@ def program_fingerprint(compiled) -> str:
     """A digest of the compiled XLA program's instructions, as a multiset of (result shape, opcode) over every
     computation: names, metadata and source locations left out, so two programs that do the same operations on
     the same shapes (the base model and the EPT-merged one) get the same digest."""
-    import collections
-    import hashlib
-
     ops = collections.Counter(m.groups() for m in map(_INSTRUCTION.match, compiled.as_text().splitlines()) if m)
     return hashlib.sha1(repr(sorted(ops.items())).encode()).hexdigest()[:16]
 
