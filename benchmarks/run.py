@@ -197,8 +197,9 @@ def _parse(argv):
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones (default 1)")
     p.add_argument("--models", default=None, help="comma-separated subset of the models (default all)")
     p.add_argument("--dtype", default="float32", help="compute dtype of the JAX rows: float32 or bfloat16")
-    p.add_argument("--scan-layers", action="store_true",
-                   help="the JAX rows with model.scan_layers=True (identical layers as one jax.lax.scan)")
+    p.add_argument("--unrolled-layers", action="store_true",
+                   help="the JAX rows with model.scan_layers=False (every layer compiled on its own; default: "
+                        "identical layers as one jax.lax.scan)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch + PEFT row (recorded as skipped)")
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved rounds for the target ratios (default 5, --quick 1; 0 = off)")
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--skip {sorted(skip - set(SKIPPABLE))}: accepted {', '.join(SKIPPABLE)}")
         names = tuple(n.strip() for n in args.models.split(",") if n.strip()) if args.models else None
         models = setups.specs(args.quick, names)
-        setups.SCAN_LAYERS = bool(args.scan_layers)
+        setups.SCAN_LAYERS = not args.unrolled_layers
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             "reps": reps,
             "warmup": args.warmup,
             "dtype": args.dtype,
-            "scan_layers": bool(args.scan_layers),
+            "scan_layers": not args.unrolled_layers,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "machine": info,
             "models": {s.name: {"family": s.family, "arch": s.arch, "targets": list(s.targets),

@@ -147,8 +147,9 @@ def hf_tensors(model) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().float().numpy().copy() for k, v in model.state_dict().items()}
 
 
-#: ``model.scan_layers`` of every JAX row (``benchmarks.run --scan-layers``; see :mod:`ept_jax.layer_scan`)
-SCAN_LAYERS = False
+#: ``model.scan_layers`` of every JAX row (``benchmarks.run --unrolled-layers`` sets False; see
+#: :mod:`ept_jax.layer_scan`)
+SCAN_LAYERS = True
 
 
 def bench_config(spec: ModelSpec, adapter: dict[str, Any] | None, *, dtype: str = "float32"):

@@ -1,22 +1,30 @@
-"""Identical layers of a model run as one ``jax.lax.scan`` over their stacked parameters.
+"""Identical layers of a model run as one ``jax.lax.scan``.
 
 The models unroll their layers in Python, so a training step compiles every layer's forward and backward
 separately: for SmolLM2-135M with EPT on all seven Linears, 30 copies of a layer with ~7 adapters, each a few
-dozen small kernels. :func:`run_layers` traces one layer instead and scans it over the layers' stacked states
-(``jnp.stack`` of each leaf inside the jitted function; the gradient of a layer's leaf is its slice of the
-stacked gradient), which is the same computation: the same ops per layer in the same order, and the same
-dropout masks, because an adapted Linear folds ``index + ctx.index_offset`` into the dropout key and the
-scan passes ``offset = layer * (indices per layer)``, the unrolled model's indices (checked).
+dozen small kernels. :func:`run_layers` traces one layer instead and scans it over the layers, which is the same
+computation: the same ops per layer in the same order, and the same dropout masks, because an adapted Linear
+folds ``index + ctx.index_offset`` into the dropout key and the scan passes ``offset = layer * (indices per
+layer)``, the unrolled model's indices (checked).
 
 Layers qualify when they are the same program: equal graph structure (module types, static attributes,
 Variable types, shapes and dtypes) except each :class:`~ept_jax.nn.AdaptedLinear`'s ``name`` (not read in the
 forward) and ``index`` (which must step by the same amount from layer to layer). Otherwise, with fewer than two
 layers, with a KV cache or with ``enabled=False``, the layers run unrolled as before.
 
-Cost: the stack is built inside the jitted function, a copy of the layers' frozen weights per call that lives
-through the backward pass (measured on SmolLM2-135M, float32: XLA temp +453 MiB for the frozen forward and
-backward, +251 MiB for the LoRA step, against ~400 MiB of layer weights). Hence off by default in the models
-and the config (``model.scan_layers``); storing the frozen weights stacked would remove the copy.
+What the scan iterates over:
+
+* the adapters' trainable leaves (:data:`~ept_jax.nn.TRAINABLE`) are stacked (``jnp.stack`` inside the jitted
+  function; the gradient of a layer's leaf is its slice of the stacked gradient): small;
+* the frozen leaves (base kernels, norms) are *selected*, not stacked: iteration ``i`` takes layer ``i``'s arrays
+  with ``jax.lax.switch`` (one branch per layer), and the body is a ``jax.checkpoint`` whose policy
+  (:func:`_saveable`) recomputes the selection (and reshapes, casts and transposes of it) in the backward pass
+  instead of saving it per iteration. A stack of the frozen weights would be a copy of all of them living
+  through the backward pass (measured on SmolLM2-135M, float32: XLA temporaries +453 MiB for the frozen forward
+  and backward, +251 MiB for the LoRA step); selected, the scanned steps' temporaries are within a few percent of
+  the unrolled ones (:mod:`benchmarks` records them). The price is a copy of one layer's frozen weights per
+  iteration into the switch's result, forward and backward, and on a GPU a conditional per iteration (not
+  measured here: no GPU was available).
 
 Auxiliary losses (:class:`~ept_jax.nn.AuxLoss`, EPT's contrastive loss) sown inside the scan are re-sown, one
 scalar per layer and loss, on the ``owner`` module, so :func:`ept_jax.nn.pop_aux_losses` returns the same set of
@@ -33,10 +41,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ept_jax.nn import AdaptedLinear, AdapterContext, AuxLoss
+from ept_jax.nn import TRAINABLE, AdaptedLinear, AdapterContext, AuxLoss
 
 #: attributes of an AdaptedLinear that may differ between scanned layers (see the module docstring)
 _PER_LAYER = ("name", "index")
+
+#: primitives whose outputs the backward pass recomputes instead of saving (see the module docstring): the
+#: selection of a layer's frozen weights and the free or cheap rearrangements that may follow it
+_RECOMPUTED = frozenset({"cond", "convert_element_type", "copy", "copy_p", "transpose", "reshape", "squeeze",
+                         "expand_dims", "broadcast_in_dim", "name"})
+
+
+def _saveable(prim, *_, **__) -> bool:
+    """The ``jax.checkpoint`` policy of a scanned layer: save every residual except :data:`_RECOMPUTED` outputs."""
+    return prim.name not in _RECOMPUTED
 
 
 def _static(value) -> Any:
@@ -106,12 +124,17 @@ def run_layers(
         for layer in layers:
             h = apply(layer, h, ctx)
         return h
-    graphdef, step = plan
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(layer) for layer in layers))
+    _, step = plan
+    splits = [nnx.split(layer, TRAINABLE, ...) for layer in layers]
+    graphdef, frozen_def = splits[0][0], jax.tree.structure(splits[0][2])
+    trainable = jax.tree.map(lambda *xs: jnp.stack(xs), *(s[1] for s in splits))
+    # one branch per layer returning that layer's frozen leaves: selected, never stacked (see the module docstring)
+    branches = [lambda leaves=jax.tree.leaves(s[2]): leaves for s in splits]
 
     def body(h, xs):
-        state, i = xs
-        layer = nnx.merge(graphdef, state)
+        tr, i = xs
+        frozen = jax.tree.unflatten(frozen_def, jax.lax.switch(i, branches))
+        layer = nnx.merge(graphdef, tr, frozen)
         c = ctx
         if ctx is not None and ctx.dropout_rng is not None:
             base = 0 if ctx.index_offset is None else ctx.index_offset
@@ -119,7 +142,8 @@ def run_layers(
         h = apply(layer, h, c)
         return h, jax.tree.leaves(nnx.pop(layer, AuxLoss))
 
-    h, aux = jax.lax.scan(body, h, (stacked, jnp.arange(len(layers), dtype=jnp.int32)))
+    body = jax.checkpoint(body, prevent_cse=False, policy=_saveable)
+    h, aux = jax.lax.scan(body, h, (trainable, jnp.arange(len(layers), dtype=jnp.int32)))
     for values in aux:
         for i in range(len(layers)):
             owner.sow(AuxLoss, "scanned_layers", values[i])

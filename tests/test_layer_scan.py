@@ -98,6 +98,26 @@ def test_scanned_layers_equal_unrolled(family, adapter):
     assert abs(float(other) - float(loss_s)) > 1e-6
 
 
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_scanned_step_neither_stacks_nor_saves_the_frozen_weights(family):
+    """The scan selects each layer's frozen weights (and recomputes the selection in the backward pass): no
+    ``(layers, *kernel)`` array of a frozen kernel exists in the compiled gradient, as a stack or as residuals;
+    the adapters' leaves are stacked."""
+    graphdef, trainable, frozen = _model(family, "lora", scan=True)
+    batch = _batch(family)
+    n = 3 if family == "llama" else 2  # T5: the blocks after the first
+    f = lambda tr: steps.loss_fn(tr, frozen, graphdef, batch, jax.random.PRNGKey(7), family=family,
+                                 contrastive_lambda=0.5)[0]
+    hlo = jax.jit(jax.grad(f)).lower(trainable).compile().as_text()
+    stacked = lambda shape: f"f32[{n},{','.join(map(str, shape))}]"
+    kernels = {tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(frozen)
+               if x.ndim == 2 and "kernel" in jax.tree_util.keystr(p) and "embed" not in jax.tree_util.keystr(p)}
+    adapters = {tuple(x.shape) for x in jax.tree.leaves(trainable) if x.ndim == 2}
+    assert kernels and adapters and not kernels & adapters
+    assert [s for s in kernels if stacked(s) in hlo] == []
+    assert all(stacked(s) in hlo for s in adapters)
+
+
 def test_scan_plan_covers_the_models_layers_and_refuses_different_ones():
     graphdef, trainable, frozen = _model("llama", "ept_reference", scan=True)
     model = nnx.merge(graphdef, trainable, frozen)

@@ -70,7 +70,7 @@ def validate(config) -> None:
     from ept_jax.data import get_task
 
     _choice(config.model.family, "model.family", FAMILIES)
-    scan = config.model.get("scan_layers", False)
+    scan = config.model.get("scan_layers", True)
     if not isinstance(scan, bool):
         raise UserError(f"model.scan_layers={scan!r}: must be True or False")
     if not config.model.random_init and not config.model.name_or_path:

@@ -34,10 +34,10 @@ def build_model(config) -> nnx.Module:
 
     Adapters are initialised from ``train.seed``. Raises ValueError / CheckpointError naming what is wrong (a
     kernel size the variant cannot use, an unknown target, a model directory without weights, ...).
-    ``model.scan_layers`` (default False) is applied with :func:`ept_jax.layer_scan.set_scan_layers`.
+    ``model.scan_layers`` (default True) is applied with :func:`ept_jax.layer_scan.set_scan_layers`.
     """
     model = _build_model(config)
-    layer_scan.set_scan_layers(model, bool(config.model.get("scan_layers", False)))
+    layer_scan.set_scan_layers(model, bool(config.model.get("scan_layers", True)))
     return model
 
 

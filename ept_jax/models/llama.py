@@ -229,8 +229,7 @@ class LlamaModel(nnx.Module):
       injection: which Linears (``q_proj`` ... ``down_proj``) get which adapter; None for the plain model.
       dtype / param_dtype: ``"float32"`` or ``"bfloat16"`` (see the module docstring).
       scan_layers: run the decoder layers as one ``jax.lax.scan`` when there is no KV cache
-        (:mod:`ept_jax.layer_scan`: the same computation, compiled once instead of once per layer, at the price
-        of a per-call copy of the layers' weights).
+        (:mod:`ept_jax.layer_scan`: the same computation, compiled once instead of once per layer).
       rngs: initialisation keys (base weights are random until loaded, see :func:`from_pretrained`).
     Raises:
       ValueError: an unknown dtype name, or an injection target that names no Linear of the model.
@@ -243,7 +242,7 @@ class LlamaModel(nnx.Module):
         injection: Injection | None = None,
         dtype: str = "float32",
         param_dtype: str = "float32",
-        scan_layers: bool = False,
+        scan_layers: bool = True,
         rngs: nnx.Rngs,
     ):
         self.cfg = cfg

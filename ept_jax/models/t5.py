@@ -325,7 +325,7 @@ class T5Stack(nnx.Module):
     """The encoder or decoder: blocks sharing the first block's position bias, then ``final_layer_norm``."""
 
     def __init__(self, cfg: T5Config, stack: str, injector: Injector, *, dtype, param_dtype, rngs: nnx.Rngs,
-                 scan_layers: bool = False):
+                 scan_layers: bool = True):
         depth = cfg.num_layers if stack == "encoder" else cfg.num_decoder_layers
         self.scan_layers = scan_layers
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -386,8 +386,7 @@ class T5Model(nnx.Module):
       dtype / param_dtype: ``"float32"`` or ``"bfloat16"`` (see the module docstring; float32 is the safe
         choice).
       scan_layers: run each stack's blocks after the first as one ``jax.lax.scan`` when there is no decoding
-        cache (:mod:`ept_jax.layer_scan`: the same computation, compiled once instead of once per block, at the
-        price of a per-call copy of the blocks' weights).
+        cache (:mod:`ept_jax.layer_scan`: the same computation, compiled once instead of once per block).
       rngs: initialisation keys, ``nnx.Rngs`` or ``ept_jax.nn.KeyStream`` (use the latter under
         ``nnx.eval_shape``/jit); base weights are random until loaded (see :func:`from_pretrained`).
     Raises:
@@ -395,7 +394,7 @@ class T5Model(nnx.Module):
     """
 
     def __init__(self, cfg: T5Config, *, injection: Injection | None = None, dtype: str = "float32",
-                 param_dtype: str = "float32", scan_layers: bool = False, rngs: nnx.Rngs | KeyStream):
+                 param_dtype: str = "float32", scan_layers: bool = True, rngs: nnx.Rngs | KeyStream):
         self.cfg = cfg
         self.dtype = _dtype(dtype, "dtype")
         pdt = _dtype(param_dtype, "param_dtype")
