@@ -21,10 +21,10 @@ What the scan iterates over:
   (:func:`_saveable`) recomputes the selection (and reshapes, casts and transposes of it) in the backward pass
   instead of saving it per iteration. A stack of the frozen weights would be a copy of all of them living
   through the backward pass (measured on SmolLM2-135M, float32: XLA temporaries +453 MiB for the frozen forward
-  and backward, +251 MiB for the LoRA step); selected, the scanned steps' temporaries are within a few percent of
-  the unrolled ones (:mod:`benchmarks` records them). The price is a copy of one layer's frozen weights per
-  iteration into the switch's result, forward and backward, and on a GPU a conditional per iteration (not
-  measured here: no GPU was available).
+  and backward, +251 MiB for the LoRA step); selected, the scanned steps' temporaries are -21..+8 % of the
+  unrolled ones (T5-small and SmolLM2, limit, LoRA and EPT steps; :mod:`benchmarks` records them). The price
+  is a copy of one layer's frozen weights per iteration into the switch's result, forward and backward, and on
+  a GPU a conditional per iteration (not measured here: no GPU was available).
 
 Auxiliary losses (:class:`~ept_jax.nn.AuxLoss`, EPT's contrastive loss) sown inside the scan are re-sown, one
 scalar per layer and loss, on the ``owner`` module, so :func:`ept_jax.nn.pop_aux_losses` returns the same set of
