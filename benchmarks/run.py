@@ -18,7 +18,8 @@ models, a smoke test of the harness whose timings mean nothing) also compiles wi
 ``--xla_backend_optimization_level=0`` unless ``XLA_FLAGS`` sets that flag.
 
 Output (JSON, rewritten after every row): ``schema``, ``command``, ``complete`` (false until the run ends),
-``quick``, ``reps``, ``warmup``, ``dtype``, ``xla_flags``, ``machine`` (``benchmarks.measure.machine``), ``models``
+``quick``, ``reps``, ``warmup``, ``dtype``, ``xla_flags``, ``allocator`` (the C heap allocator the process ran:
+glibc, tcmalloc or jemalloc; ``--allocator``), ``machine`` (``benchmarks.measure.machine``), ``models``
 (architecture and shapes of each), ``rows`` (every row: ``id``, ``model``, ``row``, ``kind``, ``framework``,
 ``shapes``, ``status``/``reason``, ``median_s``, ``times_s``, ``compile_s``, ``memory``, ``tokens_per_s``,
 ``flops_per_call``, ``mfu``, ``params``, ``sweep``, ``n_experts``), ``ratios`` (each: ``name``, ``model``,
@@ -206,12 +207,24 @@ def _parse(argv):
     p.add_argument("--no-sweeps", action="store_true",
                    help="main shapes only: skip the sequence-length, expert-count and dropout rows")
     p.add_argument("--skip", default="", help=f"comma-separated rows to leave out, of {', '.join(SKIPPABLE)}")
+    p.add_argument("--allocator", default="default",
+                   help="C heap allocator: default (the process's own, usually glibc), tcmalloc or jemalloc "
+                        "(re-executes with the library in LD_PRELOAD; benchmarks.allocator says why it matters)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark; returns the exit status (2 for a bad argument, with one line on stderr)."""
-    args = _parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parse(argv)
+    from benchmarks import allocator
+
+    try:
+        allocator.ensure(args.allocator, "benchmarks.run", argv)  # first: before the imports that allocate
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    heap = allocator.loaded()
     from benchmarks import measure, setups
 
     try:
@@ -252,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         # Rewritten after every row (atomically): a run cut short keeps the rows it measured ("complete": false).
         result = {
             "schema": SCHEMA,
-            "command": "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": "python -m benchmarks.run " + " ".join(argv),
             "complete": complete,
             "quick": args.quick,
             "reps": reps,
@@ -260,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": args.dtype,
             "scan_layers": not args.unrolled_layers,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "allocator": heap,
             "machine": info,
             "models": {s.name: {"family": s.family, "arch": s.arch, "targets": list(s.targets),
                                 "kernel_sizes": list(s.kernel_sizes), "shapes": s.shapes(),

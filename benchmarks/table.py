@@ -117,7 +117,9 @@ def model_tables(result: dict[str, Any], model: str) -> list[str]:
 
 def _scan_note(result: dict[str, Any]) -> str:
     scan = result.get("scan_layers")
-    return "" if scan is None else f"; layers {'scanned' if scan else 'unrolled'} (model.scan_layers={scan})"
+    note = "" if scan is None else f"; layers {'scanned' if scan else 'unrolled'} (model.scan_layers={scan})"
+    heap = result.get("allocator")
+    return note + ("" if heap is None else f"; C heap allocator {heap}")
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import interleaved, measure, run, setups, table
+from benchmarks import allocator, interleaved, measure, run, setups, table
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN_ROWS = {"limit", "ept_reference", "ept_paper", "ept_materialized", "lora", "torch_peft_lora", "generate_base",
@@ -40,6 +40,7 @@ def test_quick_run_schema_and_machine(quick):
     assert result["schema"] == run.SCHEMA and result["quick"] is True and result["reps"] == 2
     assert result["complete"] is True
     assert run.QUICK_XLA_FLAG in result["xla_flags"]
+    assert result["allocator"] == allocator.loaded()  # the test process's, inherited: no --allocator
     m = result["machine"]
     for key in ("cpu_model", "cpu_count", "cpu_usable", "jax_backend", "jax_device_kind", "versions"):
         assert m[key] not in (None, ""), key
@@ -141,6 +142,39 @@ def test_table_and_run_refuse_bad_input(tmp_path, capsys):
     assert "accepted ['llama_tiny', 't5_tiny']" in capsys.readouterr().err
     assert run.main(["--quick", "--skip", "lora,limit"]) == 2
     assert "--skip ['limit']: accepted ept_reference" in capsys.readouterr().err
+    assert run.main(["--quick", "--allocator", "mimalloc"]) == 2
+    assert "--allocator='mimalloc': accepted default, tcmalloc, jemalloc" in capsys.readouterr().err
+
+
+def test_allocator_lookup_detection_and_preload(tmp_path):
+    with pytest.raises(ValueError, match=r"--allocator=tcmalloc: none of libtcmalloc_minimal.so.4, "
+                                         r"libtcmalloc.so.4 under .*apt-get install libtcmalloc-minimal4"):
+        allocator.find("tcmalloc", dirs=(str(tmp_path),))
+    (tmp_path / "libjemalloc.so.2").write_bytes(b"")
+    assert allocator.find("jemalloc", dirs=("/nonexistent", str(tmp_path))) == str(tmp_path / "libjemalloc.so.2")
+    libc = "7f00-7f10 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+    assert allocator.loaded(libc) == "glibc"
+    assert allocator.loaded(libc + "7f20-7f30 r-xp 0 08:01 2 /usr/lib/libtcmalloc_minimal.so.4.5.9\n") == "tcmalloc"
+    assert allocator.loaded(libc + "7f20-7f30 r-xp 0 08:01 2 /usr/lib/libjemalloc.so.2\n") == "jemalloc"
+    env = allocator.preload_env("/l/libtcmalloc_minimal.so.4", {"LD_PRELOAD": "/x/a.so:/l/libtcmalloc_minimal.so.4",
+                                                               "PATH": "/bin"})
+    assert env["LD_PRELOAD"] == "/l/libtcmalloc_minimal.so.4 /x/a.so" and env["PATH"] == "/bin"
+    assert allocator.ensure("default", "benchmarks.run", []) is None  # no exec
+
+
+def test_allocator_reexec_loads_the_library():
+    try:
+        allocator.find("tcmalloc")
+    except ValueError as e:
+        pytest.skip(str(e))
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "EPT_BENCH_ALLOCATOR_REEXEC")}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.allocator", "tcmalloc"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["tcmalloc", allocator.find("tcmalloc")]
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.allocator", "hoard"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--allocator='hoard': accepted" in bad.stderr
 
 
 def test_skipped_rows_are_recorded_and_left_out_of_the_rounds():
