@@ -25,6 +25,8 @@ from ept_jax import adapters as ad
 from ept_jax.competitors import (
     MORE_N_EXPERTS,
     TREX_NOT_MERGEABLE,
+    TREX_RELEASE_ROUTER_SCALE,
+    TREX_RELEASE_SEMANTIC_SCALE,
     FixedRouting,
     MOELoRAReleaseAdapter,
     MOELoRARouter,
@@ -271,8 +273,15 @@ def test_moelora_release_router_is_shared_once_and_trained_by_every_layer():
 # ---------------------------------------------------------------------------------------------------- T-REX
 
 
-def _trex_closed_form(adapter, x, s):
-    """Per token: ``g * B R^T (A x)``, ``R = softmax(W x) omega r1 r2 + s (1 - omega) r1`` (numpy, float64)."""
+# The coefficients each variant must use, written out by hand: the release (peft/src/peft/tuners/lora.py,
+# Linear.forward, rank1_flex) hard-codes token_coefficient = 32 and task_coefficient = 4 whatever (r1, r2);
+# the paper variant scales them as r1 * r2 and r1.
+def _trex_coefficients(variant, r1, r2):
+    return (32.0, 4.0) if variant == "reference" else (float(r1 * r2), float(r1))
+
+
+def _trex_closed_form(adapter, x, s, c_tok, c_sem):
+    """Per token: ``g * B R^T (A x)``, ``R = softmax(W x) omega c_tok + s (1 - omega) c_sem`` (numpy, float64)."""
     r1, r2 = adapter.cfg.trex_r1, adapter.cfg.trex_r2
     A, B, W = _np(adapter.A[...]), _np(adapter.B[...]), _np(adapter.router_w[...])
     omega = 1.0 / (1.0 + np.exp(-100.0 * float(adapter.w_omg[...])))
@@ -281,13 +290,15 @@ def _trex_closed_form(adapter, x, s):
     for n in range(x.shape[0]):
         for t in range(x.shape[1]):
             xt = _np(x[n, t])
-            R = (_softmax(W @ xt) * omega * r1 * r2 + s[n] * (1 - omega) * r1).reshape(r1, r2)
+            R = (_softmax(W @ xt) * omega * c_tok + s[n] * (1 - omega) * c_sem).reshape(r1, r2)
             out[n, t] = g * (B @ (R.T @ (A @ xt)))
     return out
 
 
-def test_trex_matches_closed_form_and_refuses_to_merge():
-    cfg = _cfg("trex", trex_r1=3, trex_r2=5)
+@pytest.mark.parametrize("variant", ["reference", "paper"])
+def test_trex_matches_closed_form_and_refuses_to_merge(variant):
+    cfg = _cfg("trex", variant=variant, trex_r1=3, trex_r2=5)
+    c_tok, c_sem = _trex_coefficients(variant, 3, 5)
     a = TREXAdapter(cfg, D_IN, D_OUT, rngs=nnx.Rngs(0))
     chex.assert_shape([a.A[...], a.B[...], a.router_w[...], a.w_omg[...], a.w_g[...]],
                       [(3, D_IN), (D_OUT, 5), (15, D_IN), (), ()])
@@ -299,9 +310,9 @@ def test_trex_matches_closed_form_and_refuses_to_merge():
     x = _x()
     s = np.random.default_rng(3).standard_normal((BATCH, 15))
     y = _jit_forward(a, x, AdapterContext(task_ids=jnp.asarray(TASKS), semantic=jnp.asarray(s)))
-    chex.assert_trees_all_close(_np(y), _trex_closed_form(a, x, s), **TOL)
+    chex.assert_trees_all_close(_np(y), _trex_closed_form(a, x, s, c_tok, c_sem), **TOL)
     y0 = _jit_forward(a, x, AdapterContext(task_ids=jnp.asarray(TASKS)))  # semantic None = zeros
-    chex.assert_trees_all_close(_np(y0), _trex_closed_form(a, x, np.zeros((BATCH, 15))), **TOL)
+    chex.assert_trees_all_close(_np(y0), _trex_closed_form(a, x, np.zeros((BATCH, 15)), c_tok, c_sem), **TOL)
     # the delta depends on the token, not only the task: two tokens of one example do not share one matrix
     assert not a.mergeable
     for fn in (a.merge, a.to_lora):
@@ -312,6 +323,53 @@ def test_trex_matches_closed_form_and_refuses_to_merge():
     with pytest.raises(ValueError, match="trex_r1=0"):
         ad.make_adapter(_cfg("trex", trex_r1=0), D_IN, D_OUT, rngs=nnx.Rngs(0))
     assert "no per-task weight delta" in TREX_NOT_MERGEABLE
+
+
+def _trex_randomized(variant, r1, r2, seed=11):
+    a = TREXAdapter(_cfg("trex", variant=variant, trex_r1=r1, trex_r2=r2), D_IN, D_OUT, rngs=nnx.Rngs(0))
+    _randomize(a, seed)
+    a.w_omg[...] = jnp.asarray(0.004)  # omega = sigmoid(0.4): both terms count
+    a.w_g[...] = jnp.asarray(0.002)
+    return a
+
+
+def test_trex_reference_uses_the_release_constants_at_any_allocation():
+    """At r1 = 2, r2 = 3 the release still computes 32 * softmax * omega + 4 * s * (1 - omega); paper: 6 and 2."""
+    assert (TREX_RELEASE_ROUTER_SCALE, TREX_RELEASE_SEMANTIC_SCALE) == (32.0, 4.0)
+    r1, r2 = 2, 3
+    x = _x(5)
+    s = np.random.default_rng(4).standard_normal((BATCH, r1 * r2))
+    ctx = AdapterContext(task_ids=jnp.asarray(TASKS), semantic=jnp.asarray(s))
+    ys = {}
+    for variant, (c_tok, c_sem) in (("reference", (32.0, 4.0)), ("paper", (6.0, 2.0))):
+        a = _trex_randomized(variant, r1, r2)
+        ys[variant] = _np(_jit_forward(a, x, ctx))
+        chex.assert_trees_all_close(ys[variant], _trex_closed_form(a, x, s, c_tok, c_sem), **TOL)
+        # the routing weights themselves, token (0, 0): R = softmax(W x) omega c_tok + s (1 - omega) c_sem
+        omega = 1.0 / (1.0 + np.exp(-0.4))
+        xt = _np(x[0, 0])
+        want = _softmax(_np(a.router_w[...]) @ xt) * omega * c_tok + s[0] * (1.0 - omega) * c_sem
+        got = _np(a.routing(x, jnp.asarray(s)))[0, 0]
+        chex.assert_trees_all_close(got, want.reshape(r1, r2), **TOL)
+    # same parameters (same seeds), different coefficients: the variants really differ away from (4, 8)
+    assert np.abs(ys["reference"] - ys["paper"]).max() > 1e-3
+
+
+def test_trex_variants_agree_at_the_release_allocation():
+    x = _x(6)
+    s = np.random.default_rng(7).standard_normal((BATCH, 32))
+    ctx = AdapterContext(task_ids=jnp.asarray(TASKS), semantic=jnp.asarray(s))
+    ref, paper = (_trex_randomized(v, 4, 8) for v in ("reference", "paper"))
+    y_ref, y_paper = _np(_jit_forward(ref, x, ctx)), _np(_jit_forward(paper, x, ctx))
+    chex.assert_trees_all_close(y_ref, _trex_closed_form(ref, x, s, 32.0, 4.0), **TOL)
+    chex.assert_trees_all_close(y_paper, y_ref, **TOL)
+
+
+def test_trex_refuses_an_unknown_variant():
+    with pytest.raises(ValueError, match=r"variant='release'.*\('reference', 'paper'\).*T-REX"):
+        ad.make_adapter(_cfg("trex", variant="release"), D_IN, D_OUT, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="variant='x'"):
+        TREXAdapter(_cfg("trex", variant="x"), D_IN, D_OUT, rngs=nnx.Rngs(0))
 
 
 def test_trex_export_is_refused_with_the_reason(tmp_path):
