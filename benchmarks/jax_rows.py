@@ -149,9 +149,7 @@ def train_calls(spec: ModelSpec, adapter: dict[str, Any], tensors: dict[str, np.
     tx, schedule = state_lib.make_optimizer(config)
     st = state_lib.create_train_state(model, tx, mesh)
     del model
-    step_fn = steps.make_train_step(st, tx, schedule, mesh, family=spec.family,
-                                    contrastive_lambda=float(config.adapter.contrastive_lambda),
-                                    seed=int(config.train.seed))
+    step_fn = steps.make_train_step(st, tx, schedule, mesh, **state_lib.step_options(config))
     batch_sh = sharding_lib.batch_sharding(mesh)
     step = jnp.asarray(1000, jnp.int32)
     flat = step_fn.flatten(st)

@@ -30,31 +30,10 @@ from typing import Any
 
 import jax
 
-# Dense peak FLOP/s per chip by compute dtype (vendor spec sheets, no sparsity). float32 counts the TF32 tensor
-# cores, which XLA uses for float32 matmuls on these chips by default. Matched by substring of the device kind,
-# first match wins (so "H100 PCIe" before "H100").
-PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("H200", {"bfloat16": 989.4e12, "float32": 494.7e12}),
-    ("H100 PCIe", {"bfloat16": 756.0e12, "float32": 378.0e12}),
-    ("H100", {"bfloat16": 989.4e12, "float32": 494.7e12}),
-    ("A100", {"bfloat16": 312.0e12, "float32": 156.0e12}),
-)
+from train import throughput
 
-
-def peak_flops(device_kind: str, dtype: str) -> float | None:
-    """The device's dense peak FLOP/s for ``dtype`` (``"float32"``/``"bfloat16"``) from :data:`PEAK_FLOPS`, or
-    None for a device (a CPU, an unlisted accelerator) or dtype the table does not know."""
-    for key, peaks in PEAK_FLOPS:
-        if key.lower() in device_kind.lower():
-            return peaks.get(dtype)
-    return None
-
-
-def mfu(flops_per_call: float | None, median_s: float | None, peak: float | None) -> float | None:
-    """Model FLOPs utilisation ``flops / (median_s * peak)``, or None when any input is unknown."""
-    if not flops_per_call or not median_s or not peak:
-        return None
-    return flops_per_call / (median_s * peak)
+# The peak table and MFU live with the training log's throughput; re-exported for the benchmark rows.
+PEAK_FLOPS, peak_flops, mfu = throughput.PEAK_FLOPS, throughput.peak_flops, throughput.mfu
 
 
 def block(tree) -> Any:

@@ -61,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.adapter.targets = ("q", "k", "v", "o", "wi", "wo")
     c.adapter.contrastive_lambda = 0.1
     c.adapter.contrastive_stacks = ("encoder",)
+    # the release sums the encoder's per-module contrastive terms and divides by 72 (= 12 blocks x 6 modules,
+    # hard-coded whatever the depth: the mean only for 12-block T5-base); None = the mean over the modules
+    c.adapter.contrastive_divisor = config_dict.placeholder(float)
+    c.adapter.contrastive_divisor = 72.0
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "glue"  # task family: 'glue' | 'commonsense' | 'synthetic'
@@ -81,7 +85,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.learning_rate = 3e-4
     c.train.warmup_steps = 500
     c.train.weight_decay = 0.01
-    c.train.grad_clip = 1.0  # global-norm clipping; 0 disables
+    c.train.grad_clip = 1.0  # global-norm clipping, torch's: g * min(1, clip / (norm + 1e-6)); 0 disables
+    c.train.adam_b1 = 0.9
+    c.train.adam_b2 = 0.999
+    c.train.adam_eps = 1e-8
+    # 'skip' (the release, PyTorch): an expert kernel no route chose in a step gets no AdamW step at all (no
+    # decay, no moment update, its own bias-correction count); 'update': every leaf stepped (optax.adamw)
+    c.train.unrouted_experts = "skip"
     c.train.seed = 42
     c.train.log_every = 50
     c.train.eval_every = 1000

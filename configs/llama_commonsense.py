@@ -7,9 +7,11 @@
 * Model: ``meta-llama/Llama-2-7b-hf`` (a hub id, gated: log in first; or a local directory / ``.gguf`` file with
   ``--config.model.name_or_path=...``), bfloat16 weights and activations.
 * Adapters: EPT "reference" variant (what the released code computes) with the release's settings: r 8,
-  alpha 32, kernels [2,2,4,4,6,6,8,8], top-2 routing, dropout 0.1, contrastive loss lambda 0.1 / tau 0.05 on
-  the task embeddings; in ``q_proj, k_proj, v_proj, o_proj, up_proj, down_proj`` of every decoder layer (the
-  injector's names are transformers' module names; ``gate_proj`` is not adapted).
+  alpha 32, kernels [2,2,4,4,6,6,8,8], top-2 routing, dropout 0.1, and, as the release, **no contrastive
+  loss** (its LLaMA modelling code is unmodified, so the task embeddings learn through routing only;
+  ``--config.adapter.contrastive_lambda=0.1`` adds ept_jax's term on the decoder's Linears, mean over them);
+  in ``q_proj, k_proj, v_proj, o_proj, up_proj, down_proj`` of every decoder layer (the injector's names are
+  transformers' module names; ``gate_proj`` is not adapted).
 * Tasks and prompts (``ept_jax.data.commonsense``): ``"boolq passage: ... question: ..."`` -> ``yes`` / ``no``;
   ``"arc question: ... choices: (A) ... (D) ..."`` -> the letter (numeric labels 1-4 mapped to A-D);
   ``"openbookqa question: ... choices: ..."`` -> the letter. PIQA is registered too: add ``piqa`` to
@@ -45,7 +47,9 @@ def get_config():
     c.model.param_dtype = "bfloat16"
 
     c.adapter.targets = TARGETS
-    c.adapter.contrastive_stacks = ("decoder",)  # LLaMA's Linears live in the "decoder" stack
+    c.adapter.contrastive_lambda = 0.0  # the release's LLaMA has no contrastive term
+    c.adapter.contrastive_stacks = ("decoder",)  # where it goes when turned on: LLaMA's Linears are the "decoder" stack
+    c.adapter.contrastive_divisor = None  # mean over those Linears (the release's /72 is its T5 encoder's)
 
     c.data.source = "commonsense"
     c.data.path = "hub"

@@ -6,8 +6,8 @@ configs/smollm2_commonsense_cpu.py --workdir runs/smollm2/ept``.
 
 What is the same as ``configs/llama_commonsense.py``: the tasks (BoolQ, OpenBookQA, ARC-Easy, ARC-Challenge),
 the prompts, the loss on the answer tokens only, accuracy by greedy generation of the answer, EPT's release
-settings (reference variant, r 8, alpha 32, kernels [2,2,4,4,6,6,8,8], top-2, dropout 0.1, contrastive
-lambda 0.1 / tau 0.05).
+settings (reference variant, r 8, alpha 32, kernels [2,2,4,4,6,6,8,8], top-2, dropout 0.1, no contrastive
+term, as the release's LLaMA; trained as the release trains).
 
 What differs, so that it runs offline on a small CPU:
 

@@ -8,7 +8,9 @@ Differences from ``configs/t5_glue.py``, each as the paper's text states it:
   (a Kronecker product; every kernel size divides T5-base's 768 and 3072), Gaussian ``A``/``B`` and zero
   kernels, so the adapted model equals the base model at step 0;
 * ``adapter.dim_scaling = True``: each expert's output scaled by the paper's dimension-aware ``d_t / T``;
-* ``data.sampling = "uniform"``: each batch's task drawn with probability ``1 / T``.
+* ``data.sampling = "uniform"``: each batch's task drawn with probability ``1 / T``;
+* ``adapter.contrastive_divisor = None``: the contrastive term is the mean over the encoder's adapted Linears
+  (the release divides their sum by a hard-coded 72, the mean only for 12-block T5-base with all six targets).
 """
 
 from configs.common import base_config
@@ -19,4 +21,5 @@ def get_config():
     c.adapter.variant = "paper"
     c.adapter.dim_scaling = True
     c.data.sampling = "uniform"
+    c.adapter.contrastive_divisor = None
     return c

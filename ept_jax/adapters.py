@@ -476,6 +476,26 @@ class EPTAdapter(Adapter):
             ) from err
         return _lora_factors_static_experts(self.pyramid, A, B, kernels, w, experts)
 
+    def param_usage(self, task_ids: Array) -> dict[tuple, Array] | None:
+        """With top-k routing: expert ``e``'s kernel (and, ALP off, its own ``A``/``B``) is used exactly when
+        some row of ``task_ids (B,)`` routes to ``e``; None (all used) when not routed or dense."""
+        if not self.routed or self.cfg.top_k is None:
+            return None
+        n = self.pyramid.n_experts
+        _, idx = self.routing()
+        used = jnp.any(jax.nn.one_hot(idx[task_ids], n, dtype=jnp.int32) > 0, axis=(0, 1))  # (n_experts,)
+        out: dict[tuple, Array] = {("kernels", e): used[e] for e in range(n)}
+        if not self.cfg.alp:
+            out.update({(name, e): used[e] for name in ("A", "B") for e in range(n)})
+        return out
+
+    def route(self, task: int | Array) -> tuple[Array, Array]:
+        """``(experts (top_k,), weights (top_k,))`` task ``task``'s router chooses, best first (dense routing:
+        every expert, in index order)."""
+        w, idx = self.routing()
+        row = 0 if not self.routed else task
+        return idx[row], w[row][idx[row]]
+
     def contrastive_loss(self, x: Array, task_ids: Array) -> Array | None:
         """Contrastive task-embedding loss on ``x[:, 0, :]`` (``x (B, S, d_in)``); None when not routed."""
         if not self.routed:

@@ -31,8 +31,13 @@ def _nll(logits: Array, labels: Array) -> Array:
     return _nll_fwd(logits, labels)[0]
 
 
+def _acc(dtype):
+    """float32, or float64 for float64 logits (exact tests)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _nll_fwd(logits, labels):
-    x = logits.astype(jnp.float32)
+    x = logits.astype(_acc(logits.dtype))
     lse = jax.nn.logsumexp(x, axis=-1)
     # An out-of-range label gives NaN (take_along_axis' "fill" mode), as the log_softmax form did: never a
     # silently finite loss.
@@ -42,9 +47,9 @@ def _nll_fwd(logits, labels):
 
 def _nll_bwd(res, g):
     logits, labels, lse = res
-    x = logits.astype(jnp.float32)
+    x = logits.astype(_acc(logits.dtype))
     onehot = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) == labels[..., None]
-    grad = (jnp.exp(x - lse[..., None]) - onehot.astype(jnp.float32)) * g[..., None]
+    grad = (jnp.exp(x - lse[..., None]) - onehot.astype(x.dtype)) * g[..., None]
     return grad.astype(logits.dtype), None
 
 
@@ -52,7 +57,9 @@ _nll.defvjp(_nll_fwd, _nll_bwd)
 
 
 def token_nll(logits: Array, labels: Array) -> Array:
-    """Per-token negative log-likelihood ``(...,)`` float32 of integer ``labels (...)`` under ``logits (..., V)``.
+    """Per-token negative log-likelihood ``(...,)`` of integer ``labels (...)`` under ``logits (..., V)``.
+
+    float32, or float64 for float64 logits.
 
     Differentiable in ``logits`` only (the gradient has the logits' dtype). Out-of-range labels give NaN.
 
@@ -65,5 +72,6 @@ def token_nll(logits: Array, labels: Array) -> Array:
 
 def masked_mean_nll(logits: Array, labels: Array, mask: Array) -> Array:
     """Mean of :func:`token_nll` over the tokens where ``mask`` is nonzero; 0 when the mask is empty."""
-    mask = mask.astype(jnp.float32)
-    return jnp.sum(token_nll(logits, labels) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    nll = token_nll(logits, labels)
+    mask = mask.astype(nll.dtype)
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)

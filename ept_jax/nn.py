@@ -167,6 +167,15 @@ class Adapter(nnx.Module):
     def contrastive_loss(self, x: Array, task_ids: Array) -> Array | None:
         return None
 
+    def param_usage(self, task_ids: Array) -> dict[tuple, Array] | None:
+        """Which of the adapter's parameters a forward with ``task_ids (B,)`` uses, where that depends on them.
+
+        ``{path inside the adapter, e.g. ("kernels", 3): () bool}``; parameters not listed are always used;
+        None = all. EPT with top-k routing lists its expert kernels: PyTorch gives the kernels of experts that
+        no route chose no gradient, and the release's AdamW then does not step them (``train.optim``).
+        """
+        return None
+
 
 class AdaptedLinear(nnx.Module):
     """A frozen base :class:`Linear` plus an :class:`Adapter`: ``y = base(x) + adapter(x)``.

@@ -451,5 +451,7 @@ def test_bfloat16_policy(hf_models):
     ref = _torch_logits(hf, ids[:1])
     # bfloat16 has 8 mantissa bits: agreement to a few percent of the logit scale.
     assert np.abs(logits - ref).max() <= 0.05 * np.abs(ref).max() + 0.05
-    with pytest.raises(ValueError, match="param_dtype='float64'"):
+    with pytest.raises(ValueError, match="param_dtype='float16'"):
+        llama.LlamaModel(model.cfg, param_dtype="float16", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="param_dtype='float64' needs jax_enable_x64"):
         llama.LlamaModel(model.cfg, param_dtype="float64", rngs=nnx.Rngs(0))

@@ -22,6 +22,8 @@ import orbax.checkpoint as ocp
 import pytest
 from filelock import FileLock
 
+from train.logger import TIMING_KEYS
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
 OVERRIDES = [
@@ -32,7 +34,6 @@ OVERRIDES = [
     "--config.train.keep_checkpoints=4",
     "--config.eval.max_examples=16",
 ]
-TIMING_KEYS = ("tokens_per_s", "elapsed_s")
 FAULT_ENV = ("EPT_STOP_AFTER_STEP", "EPT_KILL_DURING_CHECKPOINT", "EPT_NAN_AT_STEPS", "XLA_FLAGS")
 
 

@@ -437,7 +437,9 @@ def test_bfloat16_policy_and_overflow_guard(hf_models):
     assert np.isfinite(clamped).all() and clamped[0] > 1e38 and clamped[2] == 3.0
     f32 = jnp.asarray([jnp.inf], jnp.float32)
     assert t5._clamp(f32) is f32  # float32 (the safe choice) is left untouched, as transformers does
-    with pytest.raises(ValueError, match="param_dtype='float64'"):
+    with pytest.raises(ValueError, match="param_dtype='float16'"):
+        t5.T5Model(model.cfg, param_dtype="float16", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="param_dtype='float64' needs jax_enable_x64"):
         t5.T5Model(model.cfg, param_dtype="float64", rngs=nnx.Rngs(0))
 
 

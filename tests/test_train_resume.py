@@ -20,6 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from train.logger import TIMING_KEYS
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40
 OVERRIDES = [
@@ -29,7 +31,6 @@ OVERRIDES = [
     "--config.train.eval_every=20",
     "--config.eval.max_examples=16",
 ]
-TIMING_KEYS = ("tokens_per_s", "elapsed_s")
 
 
 def command(workdir, args=()):

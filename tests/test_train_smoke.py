@@ -77,6 +77,27 @@ def test_exits_zero_and_loss_falls(smoke_run):
     print(f"smoke run: {seconds:.1f}s wall")
 
 
+def test_throughput_is_timed_over_completed_steps(smoke_run):
+    """Every interval's step time, summed, is training time the process really spent: at most the run's elapsed
+    time, and with the first interval (compile) excluded each step takes a plausible share of the wall clock.
+    (Timed before the asynchronously dispatched steps finished, the intervals summed to a small fraction of it.)"""
+    out, workdir, _ = smoke_run
+    assert out.returncode == 0, out.stderr[-4000:]
+    recs = [r for r in records(workdir) if "loss" in r]
+    prev, busy = 0, 0.0
+    for r in recs:
+        n = r["step"] - prev
+        assert r["step_s"] > 0 and r["tokens_per_s"] > 0
+        busy += r["step_s"] * n
+        prev = r["step"]
+    elapsed = recs[-1]["elapsed_s"]
+    assert busy <= elapsed * 1.01, (busy, elapsed)
+    # after the first interval (compile), the loop does little but train: the steps are most of the wall time
+    # between the first and the last record, evaluation and checkpoints aside (at most half of it here)
+    later = sum(r["step_s"] * (r["step"] - p["step"]) for p, r in zip(recs, recs[1:], strict=False))
+    assert later >= 0.2 * (elapsed - recs[0]["elapsed_s"]), (later, elapsed - recs[0]["elapsed_s"])
+
+
 def test_workdir_contents(smoke_run):
     out, workdir, _ = smoke_run
     assert out.returncode == 0, out.stderr[-4000:]

@@ -12,7 +12,7 @@ from ept_jax.models import build
 from ept_jax.nn import Injection, KeyStream
 
 # ConfigDict keys under `adapter` that are not AdapterConfig fields.
-INJECTION_KEYS = ("targets", "contrastive_lambda", "contrastive_stacks", "trex_embedder")
+INJECTION_KEYS = ("targets", "contrastive_lambda", "contrastive_stacks", "contrastive_divisor", "trex_embedder")
 
 
 def adapter_config(config) -> AdapterConfig:
@@ -41,7 +41,9 @@ def injection(config) -> Injection | None:
     return Injection(
         adapter=adapter_config(config),
         targets=tuple(config.adapter.targets),
-        contrastive_stacks=tuple(config.adapter.get("contrastive_stacks", ("encoder",))),
+        # no contrastive term (lambda 0, as the release's LLaMA): its per-module losses are not computed at all
+        contrastive_stacks=tuple(config.adapter.get("contrastive_stacks", ("encoder",)))
+        if float(config.adapter.get("contrastive_lambda", 0.0)) > 0 else (),
     )
 
 

@@ -19,6 +19,7 @@ CONFIG_FILE = "config.json"
 FAMILIES = ("t5", "llama")
 SOURCES = ("glue", "commonsense", "synthetic")
 NAN_POLICIES = ("skip", "stop")
+UNROUTED_EXPERTS = ("skip", "update")  # see train.optim
 SAMPLING = ("release", "uniform", "mixed")
 AVERAGES = ("paper", "release")
 # Keys a restarted run may change without --allow_config_change: they do not change what is being trained
@@ -111,9 +112,19 @@ def validate(config) -> None:
     if not (isinstance(t.grad_clip, (int, float)) and t.grad_clip >= 0):
         raise UserError(f"train.grad_clip={t.grad_clip!r}: must be a number >= 0 (0 disables clipping)")
     _choice(t.nan_policy, "train.nan_policy", NAN_POLICIES)
+    _choice(t.unrouted_experts, "train.unrouted_experts", UNROUTED_EXPERTS)
+    for name, lo, hi in (("adam_b1", 0.0, 1.0), ("adam_b2", 0.0, 1.0)):
+        v = t[name]
+        if not (isinstance(v, (int, float)) and lo <= v < hi):
+            raise UserError(f"train.{name}={v!r}: must be a number in [{lo}, {hi})")
+    if not (isinstance(t.adam_eps, (int, float)) and t.adam_eps > 0):
+        raise UserError(f"train.adam_eps={t.adam_eps!r}: must be a number > 0")
     lam = config.adapter.contrastive_lambda
     if not (isinstance(lam, (int, float)) and lam >= 0):
         raise UserError(f"adapter.contrastive_lambda={lam!r}: must be a number >= 0")
+    div = config.adapter.contrastive_divisor
+    if div is not None and not (isinstance(div, (int, float)) and div > 0):
+        raise UserError(f"adapter.contrastive_divisor={div!r}: must be a number > 0, or None (the mean)")
 
     e = config.eval
     _positive_int(e.batch_size, "eval.batch_size")

@@ -2,7 +2,9 @@
 
 ``workdir/metrics.jsonl`` holds one JSON object per logged step: ``step``, the training metrics averaged over the
 steps since the previous line (``loss``, ``ce``, ``contrastive``, ``grad_norm``), ``lr`` at the step,
-``skipped_steps`` (non-finite steps so far), ``tokens_per_s`` and ``elapsed_s`` (timings: the only fields that
+``skipped_steps`` (non-finite steps so far), ``tokens_per_s`` and ``step_s`` (over the interval's steps, timed when
+their results arrived; the first interval includes compiling the step), ``mfu`` (accelerators whose peak the
+table ``train.throughput.PEAK_FLOPS`` knows) and ``elapsed_s`` (timings: the only fields that
 differ between an interrupted-and-resumed run and an uninterrupted one), and, when the step evaluated,
 ``eval`` (``{set: {metric: value}}``) with ``eval_mean``. On resume the file is cut back to the restored step,
 so the continued run rewrites what follows instead of duplicating it. Only process 0 writes.
@@ -22,7 +24,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-TIMING_KEYS = ("tokens_per_s", "elapsed_s")
+TIMING_KEYS = ("tokens_per_s", "step_s", "mfu", "elapsed_s")
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
@@ -152,6 +154,8 @@ class MetricsLogger:
             parts.append(f"lr {record['lr']:.2e}")
         if isinstance(record.get("tokens_per_s"), (int, float)):
             parts.append(f"{record['tokens_per_s']:.0f} tok/s")
+        if isinstance(record.get("mfu"), float):
+            parts.append(f"MFU {record['mfu']:.1%}")
         if isinstance(record.get("eval_mean"), float):
             parts.append(f"eval {record['eval_mean']:.2f}")
         if record.get("skipped_steps"):

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from ept_jax import sharding as sharding_lib
-from train import configuration, evaluation, steps
+from train import configuration, evaluation, steps, throughput
 from train import state as state_lib
 from train.checkpointing import FORMAT_VERSION, Checkpointer
 from train.data import build_data
@@ -134,6 +134,10 @@ class _Run:
         del model
         n_train = sum(x.size for x in jax.tree.leaves(self.state.trainable))
         n_base = sum(x.size for x in jax.tree.leaves(self.state.frozen))
+        self.flops_per_token = throughput.training_flops_per_token(n_base)
+        self.peak_flops = throughput.peak_flops(self.mesh.devices.flat[0].device_kind, str(config.model.dtype))
+        if self.peak_flops is not None:
+            self.peak_flops *= self.mesh.devices.size
         logger.info("model built in %.1fs: %d trainable adapter parameters, %d frozen; mesh %s", time.time() - t0,
                     n_train, n_base, dict(self.mesh.shape))
 
@@ -151,10 +155,8 @@ class _Run:
         self.step = int(self.host["step"])
         self.log = MetricsLogger(workdir, start_step=self.step, total_steps=int(config.train.steps),
                                  is_main=self.is_main)
-        self.train_step = steps.make_train_step(
-            self.state, self.tx, self.schedule, self.mesh, family=self.family,
-            contrastive_lambda=float(config.adapter.contrastive_lambda), seed=int(config.train.seed),
-        )
+        self.train_step = steps.make_train_step(self.state, self.tx, self.schedule, self.mesh,
+                                                **state_lib.step_options(config))
         self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
 
     # -- pieces of the loop --------------------------------------------------------------------------------
@@ -163,8 +165,11 @@ class _Run:
         return {**self.identity, **{k: self.host[k] for k in ("skipped_steps", "best_score", "best_step")},
                 "step": self.step, "data_state": self.data.batches.state_dict()}
 
-    def _flush(self, pending: list, first_step: int, tokens: int, seconds: float) -> dict[str, Any]:
+    def _flush(self, pending: list, first_step: int, tokens: int, t_start: float) -> dict[str, Any]:
+        """Waits for the interval's steps and summarises them; throughput is over their completion (the steps are
+        dispatched asynchronously, so the time is read after their results arrive, never before)."""
         fetched = jax.device_get(pending)
+        seconds = time.time() - t_start
         record, bad = _summarise(fetched)
         if bad:
             bad_steps = [first_step + i + 1 for i in bad]
@@ -181,6 +186,10 @@ class _Run:
             logger.warning("non-finite loss or gradients at step(s) %s: skipped (parameters unchanged)", bad_steps)
         record["skipped_steps"] = int(self.host["skipped_steps"])
         record["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
+        record["step_s"] = seconds / max(1, len(pending))
+        util = throughput.mfu(self.flops_per_token * tokens, seconds, self.peak_flops)
+        if util is not None:  # accelerators whose peak is known (train.throughput.PEAK_FLOPS)
+            record["mfu"] = util
         record["elapsed_s"] = time.time() - self.t_start
         return record
 
@@ -235,7 +244,7 @@ class _Run:
             is_ckpt = s % int(cfg.checkpoint_every) == 0 or s == total
             if not (s % int(cfg.log_every) == 0 or is_eval or is_ckpt):
                 continue
-            record = {"step": s, **self._flush(pending, interval_start, tokens, time.time() - t_interval)}
+            record = {"step": s, **self._flush(pending, interval_start, tokens, t_interval)}
             if is_eval or is_ckpt:  # the only readers of self.state's adapters (a sync unstacks every leaf)
                 self.train_step.sync(flat, self.state)
             if is_eval:

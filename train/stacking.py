@@ -95,8 +95,10 @@ class StackLayout:
         ``shardings``: the per-leaf shardings (in tree order) the leaves get; None keeps XLA's choice.
         """
         out: list[Any] = [None] * self.n_leaves
-        for g, arr in zip(self.groups, stack.arrays, strict=True):
-            take = _take(shardings[g[0]] if shardings is not None else None)
+        for g, shape, arr in zip(self.groups, self.shapes, stack.arrays, strict=True):
+            # a stack of per-leaf scalars (an optimizer's step counts) is not shaped like its leaves
+            leaf_like = shardings is not None and arr.ndim == 1 + len(shape)
+            take = _take(shardings[g[0]] if leaf_like else _replicated(shardings[g[0]]) if shardings else None)
             for j, i in enumerate(g):
                 out[i] = take(arr, np.int32(j))
         return out
@@ -175,7 +177,7 @@ class Stacking:
         self.tr_shardings = jax.tree.leaves(group_sh)
         rep = _replicated(self.tr_leaf_shardings[0]) if self.tr_leaf_shardings else None
         self.opt_shardings = jax.tree.leaves(jax.tree.map(
-            lambda x: group_sh if isinstance(x, LeafStack) else rep, abstract[1],
+            lambda x: self._stack_shardings(x, group_sh, rep) if isinstance(x, LeafStack) else rep, abstract[1],
             is_leaf=lambda x: isinstance(x, LeafStack)))
         # copy=True: a leaf passed through unchanged (a step count) must not be the state's own buffer, which the
         # step would then donate
@@ -183,6 +185,11 @@ class Stacking:
             lambda tr, opt: tuple([jnp.array(x, copy=True) for x in jax.tree.leaves(t)]
                                   for t in self._stack_trees(tr, opt)),
             out_shardings=(self.tr_shardings, self.opt_shardings))
+
+    def _stack_shardings(self, stack: LeafStack, group_sh: LeafStack, rep) -> LeafStack:
+        """Per group: the group's sharding, or replicated for a stack of per-leaf scalars (step counts)."""
+        return LeafStack(tuple(gs if a.ndim == 1 + len(shape) else rep for a, gs, shape in
+                               zip(stack.arrays, group_sh.arrays, self.layout.shapes, strict=True)), self.layout)
 
     def _is_params(self, x) -> bool:
         return not isinstance(x, LeafStack) and jax.tree.structure(x) == self.leaf_def

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -133,15 +134,23 @@ def check_tokenizer(tokenizer, model) -> None:
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
-    """Linear warm-up from 0 to ``train.learning_rate`` over ``warmup_steps``, then linear decay to 0 at
-    ``train.steps`` (transformers' ``get_linear_schedule_with_warmup``)."""
+    """transformers' ``get_linear_schedule_with_warmup``, formula for formula: optimizer step ``i`` (0-based)
+    uses ``lr * i / warmup`` for ``i < warmup``, then ``lr * max(0, (steps - i) / (steps - warmup))``.
+
+    So the first step runs with lr 0 when there is a warm-up (the release's AdamW moments still advance). Computed
+    in the default float dtype (float64 with ``jax_enable_x64``: the exact tests against the release need it).
+    """
     lr, warmup, steps = float(config.train.learning_rate), int(config.train.warmup_steps), int(config.train.steps)
     if warmup >= steps:
         raise UserError(f"train.warmup_steps={warmup} must be smaller than train.steps={steps}")
-    decay = optax.linear_schedule(lr, 0.0, steps - warmup)
-    if warmup == 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+    def schedule(count):
+        i = jnp.asarray(count).astype(jnp.result_type(float))
+        warm = i / max(1, warmup)
+        decay = jnp.maximum(0.0, (steps - i) / max(1, steps - warmup))
+        return lr * jnp.where(i < warmup, warm, decay)
+
+    return schedule
 
 
 def decay_mask(params):
@@ -154,20 +163,39 @@ def decay_mask(params):
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """One optax chain: global-norm clipping, then AdamW with :func:`learning_rate_schedule`.
+    """One optax chain, the release's (PyTorch's): global-norm clipping ``g * min(1, clip / (norm + 1e-6))``,
+    then AdamW with per-leaf step counts (:func:`train.optim.adamw_torch`) on :func:`learning_rate_schedule`.
 
-    Marked :class:`train.stacking.StackableTransformation`: the training step runs it on the adapter leaves
-    stacked by shape (the same update, far fewer XLA kernels to compile).
+    ``train.grad_clip`` (0: none), ``train.learning_rate`` / ``warmup_steps`` / ``steps``, ``train.weight_decay``
+    (matrices only, :func:`decay_mask`), ``train.adam_b1`` / ``adam_b2`` / ``adam_eps``. Whether expert kernels
+    that no route chose are stepped is the training step's business (``train.unrouted_experts``,
+    :func:`step_options`). Marked :class:`train.stacking.StackableTransformation`: the training step runs it on
+    the adapter leaves stacked by shape (the same update, far fewer XLA kernels to compile).
     """
+    from train.optim import adamw_torch, clip_by_global_norm_torch
+
     schedule = learning_rate_schedule(config)
+    t = config.train
     parts = []
-    if float(config.train.grad_clip) > 0:
-        parts.append(optax.clip_by_global_norm(float(config.train.grad_clip)))
-    parts.append(
-        optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=float(config.train.weight_decay),
-                    mask=decay_mask)
-    )
+    if float(t.grad_clip) > 0:
+        parts.append(clip_by_global_norm_torch(float(t.grad_clip)))
+    parts.append(adamw_torch(schedule, b1=float(t.get("adam_b1", 0.9)), b2=float(t.get("adam_b2", 0.999)),
+                             eps=float(t.get("adam_eps", 1e-8)), weight_decay=float(t.weight_decay),
+                             mask=decay_mask))
     return stackable(optax.chain(*parts)), schedule
+
+
+def step_options(config) -> dict[str, Any]:
+    """The keyword arguments of ``train.steps.make_train_step`` that ``config`` sets (all but the state, the
+    optimizer, the schedule and the mesh)."""
+    divisor = config.adapter.get("contrastive_divisor")
+    return {
+        "family": str(config.model.family),
+        "contrastive_lambda": float(config.adapter.contrastive_lambda),
+        "contrastive_divisor": None if divisor is None else float(divisor),
+        "unrouted_experts": str(config.train.get("unrouted_experts", "skip")),
+        "seed": int(config.train.seed),
+    }
 
 
 # --------------------------------------------------------------------------------------------------- state
@@ -203,10 +231,18 @@ def _sharding_tree(state: nnx.State, mesh: Mesh) -> nnx.State:
 
 
 def opt_state_shardings(tx, trainable_sh: nnx.State, abstract_opt, mesh: Mesh):
-    """Shardings of the optimizer state: moments like their parameters, counters replicated."""
+    """Shardings of the optimizer state: moments like their parameters, counters (per-leaf ones too) replicated."""
+    rep = sharding_lib.replicated(mesh)
+
+    def like_param(leaf, sh):
+        value = leaf.get_value() if is_variable(leaf) else leaf
+        if getattr(value, "ndim", None) == 0:  # a per-leaf scalar (train.optim.adamw_torch's step counts)
+            return sh.replace(rep) if is_variable(sh) else rep
+        return sh
+
     return optax.tree_map_params(
         tx,
-        lambda _, s: s,
+        like_param,
         abstract_opt,
         trainable_sh,
         transform_non_params=lambda _: sharding_lib.replicated(mesh),

@@ -34,10 +34,14 @@ def cross_entropy(logits: Array, labels: Array, mask: Array) -> Array:
 
 
 def forward(family: str, model, batch: dict, ctx: AdapterContext | None) -> Array:
-    """Teacher-forced logits: seq2seq ``(B, Lt, V)`` of ``decoder_input_ids``; decoder-only ``(B, L, V)``."""
+    """Teacher-forced logits: seq2seq ``(B, Lt, V)`` of ``decoder_input_ids``; decoder-only ``(B, L, V)``.
+
+    A decoder-only batch may carry ``positions (B, L)``; without them they come from the attention mask
+    (``cumsum - 1``; the same as ``arange(L)`` on the real tokens of the right-padded rows ept_jax collates).
+    """
     if family == "t5":
         return model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"], None, ctx)
-    return model(batch["input_ids"], batch["attention_mask"], ctx)
+    return model(batch["input_ids"], batch["attention_mask"], ctx, positions=batch.get("positions"))
 
 
 def generate(family: str, model, input_ids: Array, attention_mask: Array, ctx: AdapterContext | None, *,
@@ -52,15 +56,24 @@ def generate(family: str, model, input_ids: Array, attention_mask: Array, ctx: A
 
 
 def loss_fn(trainable, frozen, graphdef, batch: dict, dropout_rng: Array, *, family: str,
-            contrastive_lambda: float) -> tuple[Array, dict[str, Array]]:
-    """``ce + contrastive_lambda * mean(contrastive losses)`` of one training batch, and its parts."""
+            contrastive_lambda: float, contrastive_divisor: float | None = None) -> tuple[Array, dict[str, Array]]:
+    """``ce + contrastive_lambda * contrastive`` of one training batch, and its parts.
+
+    ``contrastive`` is the mean of the adapted Linears' contrastive losses (those of the stacks
+    ``adapter.contrastive_stacks`` names) or, with ``contrastive_divisor``, their sum divided by it: the
+    release's T5 encoder divides by a hard-coded 72 (12 blocks x 6 modules) whatever the depth.
+    """
     model = nnx.merge(graphdef, trainable, frozen)
     ctx = AdapterContext(task_ids=batch["task_ids"], dropout_rng=dropout_rng, semantic=batch.get("semantic"),
                          deterministic=False)
     logits = forward(family, model, batch, ctx)
     aux = pop_aux_losses(model)
     ce = cross_entropy(logits, batch["labels"], batch["label_mask"])
-    contrastive = jnp.mean(jnp.stack([a.astype(jnp.float32) for a in aux])) if aux else jnp.zeros((), jnp.float32)
+    if aux:
+        terms = jnp.stack([a.astype(ce.dtype) for a in aux])
+        contrastive = jnp.mean(terms) if contrastive_divisor is None else jnp.sum(terms) / contrastive_divisor
+    else:
+        contrastive = jnp.zeros((), ce.dtype)
     loss = ce + contrastive_lambda * contrastive
     return loss, {"ce": ce, "contrastive": contrastive}
 
@@ -93,8 +106,20 @@ class TrainStep:
     :meth:`__call__` is the same step over ``nnx.State`` s, for one-off calls.
     """
 
-    def __init__(self, jitted: Callable, tr_def, opt_def, stacking: stacking_lib.Stacking | None = None):
+    def __init__(self, jitted: Callable, tr_def, opt_def, stacking: stacking_lib.Stacking | None = None,
+                 grads_fn: Callable | None = None):
         self.jitted, self.tr_def, self.opt_def, self.stacking = jitted, tr_def, opt_def, stacking
+        self._grads_fn, self._grads_jit = grads_fn, None
+
+    def gradients(self, state: TrainState, batch: dict, step) -> tuple[Array, dict, nnx.State]:
+        """``(loss, parts, grads)`` the step would compute on ``state`` (per-leaf gradients before clipping, like
+        ``state.trainable``): the same function the step differentiates, compiled on its own (for checks)."""
+        if self._grads_fn is None:
+            raise ValueError("this TrainStep was built without its gradient function")
+        if self._grads_jit is None:
+            self._grads_jit = jax.jit(self._grads_fn)
+        (loss, parts), grads = self._grads_jit(state.trainable, state.frozen, batch, step)
+        return loss, parts, grads
 
     def flatten(self, state: TrainState) -> FlatState:
         """The step's lists of ``state`` (stacked copies, or the arrays themselves when the step does not stack)."""
@@ -126,8 +151,33 @@ class TrainStep:
         return jax.tree.unflatten(self.tr_def, tr), jax.tree.unflatten(self.opt_def, opt)
 
 
+def _key(entry) -> object:
+    return getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry)))
+
+
+def active_leaves(model, trainable, task_ids: Array) -> list[Array]:
+    """Per leaf of ``trainable`` (``jax.tree.leaves`` order): ``() bool``, whether a forward with ``task_ids``
+    uses it (:meth:`ept_jax.nn.Adapter.param_usage`; unlisted parameters are always used).
+
+    ``train.optim.adamw_torch`` steps only these leaves, as PyTorch's AdamW steps only tensors with a gradient.
+    """
+    flags: dict[tuple, Array] = {}
+    for path, lin in adapted_linears(model):
+        for rel, used in (lin.adapter.param_usage(task_ids) or {}).items():
+            flags[(*path, "adapter", *rel)] = used
+    out = []
+    for kp, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]:
+        path = tuple(_key(k) for k in kp if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value"))
+        out.append(flags.get(path, jnp.ones((), bool)))
+    return out
+
+
+UNROUTED_EXPERTS = ("skip", "update")
+
+
 def make_train_step(state: TrainState, tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh, *,
-                    family: str, contrastive_lambda: float, seed: int) -> TrainStep:
+                    family: str, contrastive_lambda: float, seed: int, contrastive_divisor: float | None = None,
+                    unrouted_experts: str = "update") -> TrainStep:
     """The training step of ``state``'s model (see :class:`TrainStep` for how to call it).
 
     Gradients are taken with respect to ``trainable`` only. A non-finite loss or gradient norm leaves the
@@ -135,7 +185,18 @@ def make_train_step(state: TrainState, tx: optax.GradientTransformation, schedul
     ``train.nan_policy``. The dropout key is ``fold_in(PRNGKey(seed), step)``, so a resumed run draws the
     same masks. With a :class:`~train.stacking.StackableTransformation` the optimizer, the gradient norm and
     the non-finite guard run on the adapter leaves stacked by shape (:mod:`train.stacking`).
+
+    Args:
+      contrastive_lambda / contrastive_divisor: see :func:`loss_fn`.
+      unrouted_experts: ``"skip"`` passes ``tx`` the leaves this batch's forward used (:func:`active_leaves`,
+        as the ``active`` extra argument of ``train.optim.adamw_torch``): expert kernels that no route chose
+        are not stepped, as in the release (PyTorch leaves them without a gradient). ``"update"``: every leaf.
+      (``train.state.step_options(config)`` gives all keyword arguments from a config.)
+    Metrics: ``loss``, ``ce``, ``contrastive``, ``grad_norm`` (before clipping), ``lr`` (of this step),
+    ``finite``.
     """
+    if unrouted_experts not in UNROUTED_EXPERTS:
+        raise ValueError(f"unrouted_experts={unrouted_experts!r}: accepted values are {UNROUTED_EXPERTS}")
     graphdef = state.graphdef
     tr_def, opt_def, fr_def = (jax.tree.structure(t) for t in (state.trainable, state.opt_state, state.frozen))
     tr_sh, opt_sh, fr_sh = (jax.tree.leaves(t) for t in state.shardings)
@@ -151,20 +212,27 @@ def make_train_step(state: TrainState, tx: optax.GradientTransformation, schedul
         tr_sh, opt_sh = stacking.tr_shardings, stacking.opt_shardings
     # the trees the jitted step's lists unflatten to: stacked (LeafStack nodes) or per-leaf
     step_tr_def, step_opt_def = (stacking.tr_def, stacking.opt_def) if stacking is not None else (tr_def, opt_def)
+    loss_kw = dict(family=family, contrastive_lambda=contrastive_lambda, contrastive_divisor=contrastive_divisor)
+
+    def grads_of(trainable, frozen, batch, step):
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+        return jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, graphdef, batch, rng, **loss_kw)
 
     def step_fn(tr_leaves, opt_leaves, fr_leaves, batch, step):
         params = jax.tree.unflatten(step_tr_def, tr_leaves)
         opt_state = jax.tree.unflatten(step_opt_def, opt_leaves)
         frozen = jax.tree.unflatten(fr_def, fr_leaves)
         trainable = params if stacking is None else jax.tree.unflatten(tr_def, stacking.layout.unstack(params))
-        rng = jax.random.fold_in(jax.random.PRNGKey(seed), step)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, parts), grads = grad_fn(trainable, frozen, graphdef, batch, rng, family=family,
-                                       contrastive_lambda=contrastive_lambda)
+        (loss, parts), grads = grads_of(trainable, frozen, batch, step)
+        extra = {}
+        if unrouted_experts == "skip":
+            active = active_leaves(nnx.merge(graphdef, trainable, frozen), trainable, batch["task_ids"])
+            extra["active"] = (jax.tree.unflatten(tr_def, active) if stacking is None
+                               else stacking.layout.stack(active))
         if stacking is not None:
             grads = stacking.layout.stack(jax.tree.leaves(grads))
         grad_norm = optax.global_norm(grads)
-        updates, new_opt = tx.update(grads, opt_state, params)
+        updates, new_opt = tx.update(grads, opt_state, params, **extra)
         new_params = optax.apply_updates(params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: [jnp.where(finite, n, o) for n, o in zip(jax.tree.leaves(new), old, strict=True)]
@@ -173,7 +241,7 @@ def make_train_step(state: TrainState, tx: optax.GradientTransformation, schedul
             "ce": parts["ce"],
             "contrastive": parts["contrastive"],
             "grad_norm": grad_norm,
-            "lr": jnp.asarray(schedule(step), jnp.float32),
+            "lr": jnp.asarray(schedule(step), loss.dtype),
             "finite": finite.astype(jnp.int32),
         }
         return keep(new_params, tr_leaves), keep(new_opt, opt_leaves), metrics
@@ -184,7 +252,7 @@ def make_train_step(state: TrainState, tx: optax.GradientTransformation, schedul
         out_shardings=(tr_sh, opt_sh, rep),
         donate_argnums=(0, 1),
     )
-    return TrainStep(jitted, tr_def, opt_def, stacking)
+    return TrainStep(jitted, tr_def, opt_def, stacking, grads_fn=grads_of)
 
 
 def merged_frozen(graphdef, trainable, frozen, task: int | Array) -> nnx.State:

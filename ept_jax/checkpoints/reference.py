@@ -233,6 +233,35 @@ def load_reference_adapter(model: nnx.Module, directory: str, strict: bool = Tru
     return loaded
 
 
+def reference_state_dict(model: nnx.Module, grads: nnx.State | None = None) -> dict[str, np.ndarray]:
+    """The release's PEFT state dict of ``model``'s EPT adapters (the inverse of :func:`load_reference_adapter`).
+
+    Keys ``base_model.model.<module path>.lora_A.weight`` ..., arrays in the release's layout (kernels
+    ``(1, d_out // k, k, 1)``), in the parameters' dtype. With ``grads`` (a state like ``model``'s trainable
+    one, e.g. :meth:`train.steps.TrainStep.gradients`), the same keys hold those gradients instead.
+
+    Raises:
+      ValueError: an adapted Linear whose adapter is not EPT's reference variant with ALP on.
+    """
+    if grads is not None:
+        graphdef, _, rest = nnx.split(model, AdapterParam, ...)
+        model = nnx.merge(graphdef, grads, rest)
+    out: dict[str, np.ndarray] = {}
+    for _, lin in adapted_linears(model):
+        adapter, path = lin.adapter, lin.name
+        if not (isinstance(adapter, EPTAdapter) and adapter.routed and adapter.pyramid.expansion == "reference"
+                and adapter.cfg.alp):
+            raise ValueError(f"{path}: holds {type(adapter).__name__}; the release's layout exists only for EPT "
+                             "adapters with variant='reference' and alp=True")
+        for entry in MODULE_ENTRIES:
+            if entry == "kernels":
+                for e, k in enumerate(adapter.kernels):
+                    out[_key_of(path, "kernels", e)] = np.asarray(k[...])[None, :, :, None]
+            else:
+                out[_key_of(path, entry)] = np.asarray(getattr(adapter, entry)[...])
+    return out
+
+
 # --------------------------------------------------------------------------------------------------- a model to export
 
 # The released implementation trains with top-2 routing; the file does not record it (kernel sizes are read off
@@ -247,6 +276,8 @@ def model_from_reference(
     expert_kernel_sizes: tuple[int, ...] | None = None,
     top_k: int | None = RELEASE_TOP_K,
     dtype: str = "float32",
+    contrastive_stacks: tuple[str, ...] = ("encoder",),
+    contrastive_tau: float = 0.05,
 ) -> tuple[nnx.Module, int]:
     """Loads ``base`` with the adapter the released PyTorch EPT saved in ``adapter_dir`` (ready to export).
 
@@ -263,7 +294,10 @@ def model_from_reference(
       expert_kernel_sizes: the experts' kernel sizes; None reads them off the saved kernels (given, they must
         agree with them).
       top_k: experts mixed per task (the release trains with 2; the file does not record it); None = dense.
-      dtype: the model's compute and parameter dtype (``"float32"`` or ``"bfloat16"``).
+      dtype: the model's compute and parameter dtype (``"float32"``, ``"bfloat16"``, or ``"float64"`` with
+        ``jax_enable_x64``).
+      contrastive_stacks / contrastive_tau: where the contrastive loss is sown and its temperature (the release:
+        the encoder's Linears, 0.05; a LLaMA model has no encoder, so none), for training the imported model.
     Returns:
       ``(model, n_task_rows)``: every task-embedding row is a task id ``0 <= id < n_task_rows``.
     Raises:
@@ -317,10 +351,12 @@ def model_from_reference(
         n_tasks=n_rows,
         n_task_rows=n_rows,
         dropout=0.0,
+        contrastive_tau=float(contrastive_tau),
         param_dtype=dtype,
     )
     targets = tuple(sorted({path.rsplit(".", 1)[-1] for path in modules}))
-    model = _base_with_abstract_adapters(base, Injection(adapter=cfg, targets=targets), dtype)
+    model = _base_with_abstract_adapters(
+        base, Injection(adapter=cfg, targets=targets, contrastive_stacks=tuple(contrastive_stacks)), dtype)
     load_reference_adapter(model, str(adapter_dir))
     abstract = [
         hf.path_str(p)

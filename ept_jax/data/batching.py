@@ -102,6 +102,44 @@ def collate_decoder_only(tasks: Sequence[EncodedTask], items: Sequence[tuple[int
     }
 
 
+IGNORE_INDEX = -100  # transformers' label for "no loss here"
+
+
+def from_hf_batch(batch: dict[str, np.ndarray], *, family: str, pad_id: int = 0) -> Batch:
+    """A training batch in transformers' conventions as an ept_jax batch (the release's collator writes these).
+
+    Args:
+      batch: ``input_ids``, ``attention_mask``, ``labels`` (``-100`` = no loss) and ``task_ids (B,)``; seq2seq
+        also ``decoder_input_ids`` (taken as given). Decoder-only ``labels`` are aligned with ``input_ids``
+        (transformers shifts them inside the loss).
+      family: ``"t5"`` (seq2seq: no shift) or ``"llama"`` (decoder-only).
+      pad_id: the id written where a label is ignored (any valid id: ``label_mask`` is 0 there).
+    Returns:
+      the batch format of :mod:`ept_jax.data` (int32): ``labels`` / ``label_mask``; decoder-only also
+      ``positions = arange(L)``, what transformers' forward uses without ``position_ids``, so a batch whose
+      attention mask has holes (the release's LLaMA batches: prompt padding, then the label) keeps its positions.
+    Raises:
+      ValueError: a missing array or an unknown family.
+    """
+    need = ["input_ids", "attention_mask", "labels", "task_ids"] + (["decoder_input_ids"] if family == "t5" else [])
+    missing = [k for k in need if k not in batch]
+    if missing:
+        raise ValueError(f"from_hf_batch: the batch lacks {missing}; it has {sorted(batch)}")
+    if family not in ("t5", "llama"):
+        raise ValueError(f"from_hf_batch: family={family!r}; accepted 't5', 'llama'")
+    labels = np.asarray(batch["labels"])
+    out = {k: np.asarray(batch[k]).astype(np.int32) for k in ("input_ids", "attention_mask", "task_ids")}
+    if family == "t5":
+        out["decoder_input_ids"] = np.asarray(batch["decoder_input_ids"]).astype(np.int32)
+    else:
+        labels = np.concatenate([labels[:, 1:], np.full((labels.shape[0], 1), IGNORE_INDEX, labels.dtype)], 1)
+        out["positions"] = np.broadcast_to(np.arange(labels.shape[1], dtype=np.int32), labels.shape).copy()
+    keep = labels != IGNORE_INDEX
+    out["labels"] = np.where(keep, labels, pad_id).astype(np.int32)
+    out["label_mask"] = keep.astype(np.int32)
+    return out
+
+
 def _check_semantic(semantic: np.ndarray | None, n: int, task: str) -> np.ndarray | None:
     """``semantic`` as float32 ``(n, K)``, or None; a row count other than the task's ``n`` examples raises."""
     if semantic is None:

@@ -12,7 +12,8 @@ coincide (mapping table: ``ept_jax.checkpoints.llama_map``). It computes what tr
 
 Dtype policy: ``param_dtype`` (storage) and ``dtype`` (activations and matmuls) are ``"float32"`` or
 ``"bfloat16"``; norms, rotary angles and the softmax are always float32, attention scores accumulate in float32
-and logits are returned as float32.
+and logits are returned as float32. ``"float64"`` (with ``jax_enable_x64``) computes every one of those in float64
+too: the exact tests against the release's float64 trajectories (tests/test_reference_training.py) need it.
 
 Positions: when not given they are ``cumsum(attention_mask) - 1`` (0 on padding), which is what transformers'
 ``generate`` uses, so left-padded batches get the same positions as unpadded rows. (transformers' plain forward
@@ -46,13 +47,16 @@ Array = jax.Array
 # Per layer ``(keys, values)``, each ``(batch, max_length, num_key_value_heads, head_dim)`` in the compute dtype.
 KVCache = tuple[tuple[Array, Array], ...]
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a fully masked (padding) row gives no NaN
 
 
 def _dtype(name, what: str):
     if name not in DTYPES:
         raise ValueError(f"{what}={name!r} is not supported; accepted: {sorted(DTYPES)}")
+    if name == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError(f"{what}='float64' needs jax_enable_x64 (jax.config.update('jax_enable_x64', True)); "
+                         "without it JAX computes in float32")
     return DTYPES[name]
 
 
@@ -67,16 +71,23 @@ def positions_from_mask(attention_mask: Array) -> Array:
     return jnp.where(mask > 0, jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
 
 
-def rope_cos_sin(cfg: LlamaConfig, positions: Array) -> tuple[Array, Array]:
-    """``cos, sin`` ``(B, L, head_dim)`` float32 for integer ``positions`` ``(B, L)`` (angles duplicated per half)."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+def accum_dtype(dtype):
+    """The dtype of norms, rotary angles, softmaxes and logits: float32, or float64 when computing in float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def rope_cos_sin(cfg: LlamaConfig, positions: Array, dtype=jnp.float32) -> tuple[Array, Array]:
+    """``cos, sin`` ``(B, L, head_dim)`` in ``dtype`` (float32 or float64) for integer ``positions`` ``(B, L)``
+    (angles duplicated per half)."""
+    dt = jnp.dtype(dtype)
+    freqs = positions.astype(dt)[..., None] * jnp.asarray(rope_inv_freq(cfg, dt.type))
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     """Rotates ``x`` ``(B, L, heads, head_dim)`` by angles ``(B, L, head_dim)`` (rotate-half convention)."""
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(accum_dtype(x.dtype))
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
     return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
@@ -92,7 +103,7 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         """``x (..., dim)`` -> ``(..., dim)`` in the compute dtype."""
-        h = x.astype(jnp.float32)
+        h = x.astype(accum_dtype(x.dtype))
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
         return self.weight[...].astype(self.dtype) * h.astype(self.dtype)
 
@@ -164,7 +175,7 @@ class LlamaAttention(nnx.Module):
             cache = (k, v)
         # Query head h = j * groups + i uses key/value head j (transformers' repeat_kv order).
         q = q.reshape(b, length, kv, g, d)
-        scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
+        scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=accum_dtype(q.dtype)) * (d**-0.5)
         scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, length, kv * g * d)
@@ -314,7 +325,7 @@ class LlamaModel(nnx.Module):
         q_slot = index + jnp.arange(length)
         k_slot = jnp.arange(kv_mask.shape[1])
         mask = (k_slot[None, :] <= q_slot[:, None])[None] & kv_mask[:, None, :]
-        cos, sin = rope_cos_sin(cfg, positions)
+        cos, sin = rope_cos_sin(cfg, positions, accum_dtype(self.dtype))
         h = self.model.embed_tokens(input_ids)
         new_cache = []
         if cache is None:
@@ -327,7 +338,7 @@ class LlamaModel(nnx.Module):
                 new_cache.append(layer_cache)
         h = self.model.norm(h)
         logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
-        return logits.astype(jnp.float32), (None if cache is None else tuple(new_cache))
+        return logits.astype(accum_dtype(logits.dtype)), (None if cache is None else tuple(new_cache))
 
 
 def _check_mask(attention_mask, shape) -> Array:

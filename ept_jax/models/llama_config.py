@@ -224,27 +224,29 @@ def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling]:
 
 
 @functools.lru_cache(maxsize=64)
-def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+def rope_inv_freq(cfg: LlamaConfig, dtype=np.float32) -> np.ndarray:
     """Inverse RoPE frequencies ``(head_dim // 2,)`` float32, as transformers' ``ROPE_INIT_FUNCTIONS`` compute them.
 
-    Every operation is done in float32 in the same order as the PyTorch code (``base ** (arange / dim)``, then the
+    ``dtype=np.float64`` computes the same operations in float64 (exact float64 tests). Every operation is done in
+    float32 in the same order as the PyTorch code (``base ** (arange / dim)``, then the
     type's rescaling), because the angles ``position * inv_freq`` amplify any rounding difference with position.
     """
     dim = cfg.head_dim
-    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
+    f = np.dtype(dtype).type
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(f) / f(dim)
+    inv_freq = (f(1.0) / (f(cfg.rope_theta) ** exponent)).astype(f)
     rs = cfg.rope_scaling
     if rs.rope_type == "linear":
-        return (inv_freq / np.float32(rs.factor)).astype(np.float32)
+        return (inv_freq / f(rs.factor)).astype(f)
     if rs.rope_type == "llama3":
-        factor = np.float32(rs.factor)
+        factor = f(rs.factor)
         low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
         high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
-        wavelen = (np.float32(2 * math.pi) / inv_freq).astype(np.float32)
-        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
-        smooth = ((np.float32(rs.original_max_position_embeddings) / wavelen - np.float32(rs.low_freq_factor))
-                  / np.float32(rs.high_freq_factor - rs.low_freq_factor)).astype(np.float32)
-        smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
+        wavelen = (f(2 * math.pi) / inv_freq).astype(f)
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq).astype(f)
+        smooth = ((f(rs.original_max_position_embeddings) / wavelen - f(rs.low_freq_factor))
+                  / f(rs.high_freq_factor - rs.low_freq_factor)).astype(f)
+        smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(f)
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        return np.where(medium, smoothed, scaled).astype(np.float32)
+        return np.where(medium, smoothed, scaled).astype(f)
     return inv_freq

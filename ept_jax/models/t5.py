@@ -18,11 +18,12 @@ parameter paths, adapted-Linear names and Hugging Face tensor names coincide (ma
 
 Dtype policy: ``param_dtype`` (storage) and ``dtype`` (activations and matmuls) are ``"float32"`` or
 ``"bfloat16"``; layer norms and the softmax are always float32, attention scores accumulate in float32 and
-logits are returned as float32. **float32 is the safe choice for T5**: pretrained T5 checkpoints produce
-activations beyond the float16 range (transformers #23135). bfloat16 shares float32's exponent range, so it
-does not overflow where float32 does not, but its 8-bit mantissa makes those large activations coarse; as
-transformers does for float16, every sublayer output in a non-float32 compute dtype is clamped to the dtype's
-finite range so an overflow cannot turn into inf/NaN further on.
+logits are returned as float32 (``"float64"``, with ``jax_enable_x64``, computes all of them in float64: the
+exact tests against the release's float64 trajectories need it). **float32 is the safe choice for T5**:
+pretrained T5 checkpoints produce activations beyond the float16 range (transformers #23135). bfloat16 shares
+float32's exponent range, so it does not overflow where float32 does not, but its 8-bit mantissa makes those
+large activations coarse; as transformers does for float16, every sublayer output in a non-float32 compute dtype
+is clamped to the dtype's finite range so an overflow cannot turn into inf/NaN further on.
 
 Generation (greedy, KV cache, one compiled program per shape) lives in ``ept_jax.models.t5_generate`` and is
 re-exported here as :func:`generate`.
@@ -61,13 +62,16 @@ __all__ = [
 ]
 
 Array = jax.Array
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a fully masked row gives a uniform softmax, not NaN
 
 
 def _dtype(name, what: str):
     if name not in DTYPES:
         raise ValueError(f"{what}={name!r} is not supported; accepted: {sorted(DTYPES)}")
+    if name == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError(f"{what}='float64' needs jax_enable_x64 (jax.config.update('jax_enable_x64', True)); "
+                         "without it JAX computes in float32")
     return DTYPES[name]
 
 
@@ -76,9 +80,14 @@ def _apply(lin: Linear | AdaptedLinear, x: Array, ctx: AdapterContext | None) ->
     return lin(x, ctx) if isinstance(lin, AdaptedLinear) else lin(x)
 
 
+def accum_dtype(dtype):
+    """The dtype of norms, softmaxes and logits: float32, or float64 when computing in float64 (exact tests)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _clamp(h: Array) -> Array:
-    """Clamps a non-float32 activation to its dtype's finite range (see the module docstring)."""
-    if h.dtype == jnp.float32:
+    """Clamps a sub-float32 activation to its dtype's finite range (see the module docstring)."""
+    if jnp.finfo(h.dtype).bits >= 32:
         return h
     top = float(jnp.finfo(h.dtype).max)
     return jnp.clip(h, -top, top)
@@ -130,7 +139,7 @@ class T5LayerNorm(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         """``x (..., dim)`` -> ``(..., dim)`` in the compute dtype."""
-        h = x.astype(jnp.float32)
+        h = x.astype(accum_dtype(x.dtype))
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
         return self.weight[...].astype(self.dtype) * h.astype(self.dtype)
 
@@ -170,12 +179,13 @@ class T5Attention(nnx.Module):
         self.o = linear("o", inner, e, ("joined_kv", "embed"))
         self.relative_attention_bias = T5Embedding(
             cfg.relative_attention_num_buckets, cfg.num_heads, ("rel_buckets", "heads"), e**-0.5,
-            dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs,
+            dtype=accum_dtype(dtype), param_dtype=param_dtype, rngs=rngs,
         ) if relative_bias else None
 
     def position_bias(self, q_pos: Array, k_pos: Array, *, bidirectional: bool) -> Array:
-        """The relative position bias ``(1, heads, L, S)`` float32 for query positions ``q_pos (L,)`` and key
-        positions ``k_pos (S,)`` (int; ``q_pos`` may be traced, e.g. offset by the decoding step)."""
+        """The relative position bias ``(1, heads, L, S)`` (float32; float64 in float64 models) for query
+        positions ``q_pos (L,)`` and key positions ``k_pos (S,)`` (int; ``q_pos`` may be traced, e.g. offset by
+        the decoding step)."""
         cfg = self.cfg
         bucket = relative_position_bucket(
             k_pos[None, :] - q_pos[:, None],
@@ -183,7 +193,7 @@ class T5Attention(nnx.Module):
             num_buckets=cfg.relative_attention_num_buckets,
             max_distance=cfg.relative_attention_max_distance,
         )
-        return jnp.transpose(self.relative_attention_bias(bucket).astype(jnp.float32), (2, 0, 1))[None]
+        return jnp.transpose(self.relative_attention_bias(bucket), (2, 0, 1))[None]
 
     def project_kv(self, x: Array, ctx: AdapterContext | None) -> tuple[Array, Array]:
         """Keys and values ``(B, S, heads, d_kv)`` of ``x (B, S, d_model)`` (cross-attention caches them)."""
@@ -225,7 +235,7 @@ class T5Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
             cache = (k, v)
-        scores = jnp.einsum("blhd,bshd->bhls", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("blhd,bshd->bhls", q, k, preferred_element_type=accum_dtype(q.dtype))
         if bias is not None:
             scores = scores + bias
         scores = jnp.where(mask[:, None], scores, _MASKED)
@@ -488,7 +498,7 @@ class T5Model(nnx.Module):
         if self.cfg.scale_decoder_outputs:
             h = h * (self.cfg.d_model**-0.5)
         logits = self.shared.attend(h) if self.lm_head is None else self.lm_head(h)
-        return logits.astype(jnp.float32)
+        return logits.astype(accum_dtype(logits.dtype))
 
 
 def _check_ids(ids, what: str) -> Array:
