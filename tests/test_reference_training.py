@@ -78,7 +78,7 @@ def _config(e: dict):
     c.train.adam_b1, c.train.adam_b2 = (float(b) for b in opt["betas"])
     c.train.adam_eps = float(opt["eps"])
     c.train.weight_decay = float(opt["weight_decay"])
-    c.train.grad_clip = float(e["max_grad_norm"])
+    c.train.grad_clip = float(e.get("max_grad_norm") or 0.0)  # None or 0: the release does not clip
     c.train.warmup_steps = int(sched["warmup_steps"])
     c.train.steps = int(sched["total_steps"])
     c.train.unrouted_experts = "skip"  # the release's (and the reference configs') default

@@ -119,6 +119,8 @@ def test_workdir_contents(smoke_run):
     last = records(workdir)[-1]
     assert set(last["eval"]) == {"syn_copy", "syn_reverse", "syn_sort", "syn_sentiment"}
     assert all(0.0 <= m["accuracy"] <= 100.0 for m in last["eval"].values())
+    assert set(last["eval_loss"]) == set(last["eval"]) and all(v > 0 for v in last["eval_loss"].values())
+    assert last["eval_loss_mean"] == pytest.approx(sum(last["eval_loss"].values()) / len(last["eval_loss"]))
     results = json.loads((workdir / "results.json").read_text())
     assert results["best_step"] == 100 and set(results["test"]) == set(last["eval"])
     assert results["test_mean"] == pytest.approx(np.mean([m["accuracy"] for m in results["test"].values()]))

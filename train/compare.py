@@ -77,6 +77,13 @@ def scores_of(workdir: Path) -> tuple[dict[str, float], dict[str, Any]]:
         if not chosen:
             raise UserError(f"{workdir}: no evaluation record at the best step {best!r} in metrics.jsonl")
         sets = chosen[-1]["eval"]
+    # held-out answer loss: the base's test pass, else the last evaluation's (train.evaluation.heldout_loss)
+    if "test_loss_mean" in results:
+        facts["answer_loss"] = float(results["test_loss_mean"])
+    else:
+        losses = [r["eval_loss_mean"] for r in records if "eval_loss_mean" in r]
+        if losses:
+            facts["answer_loss"] = float(losses[-1])
     return {name: float(m["accuracy"]) for name, m in sets.items()}, facts
 
 
@@ -101,6 +108,9 @@ def format_table(config, runs: dict[str, dict[str, Any]]) -> str:
         return sum(vals) / len(vals) if vals else None
 
     lines.append("| **mean** | " + " | ".join(f"**{_cell(mean(m))}**" for m in methods) + " |")
+    lines.append("| held-out answer loss (last evaluation) | " + " | ".join(
+        "-" if runs[m]["facts"].get("answer_loss") is None else f"{runs[m]['facts']['answer_loss']:.3f}"
+        for m in methods) + " |")
     lines.append("| training steps | " + " | ".join(str(runs[m]["facts"].get("steps", 0)) for m in methods) + " |")
     lines.append("| train time (s) | " + " | ".join(
         "-" if m == "base" else f"{runs[m]['facts'].get('train_s', 0.0):.0f}" for m in methods) + " |")
@@ -115,6 +125,8 @@ def format_table(config, runs: dict[str, dict[str, Any]]) -> str:
                      "training half and an evaluation half (`ept_jax.data.commonsense.offline_halves`); scores are "
                      f"on {'the first ' + str(limit) + ' examples of ' if limit else ''}each evaluation half. "
                      "Not a benchmark protocol: not comparable with published numbers.")
+    notes.append("Held-out answer loss: mean token NLL of the answers (EOS included) of the evaluation examples, "
+                 "teacher-forced, each routed by its task (`train.evaluation.heldout_loss`).")
     notes.append("Train time: the training loop (compilation included, the final evaluation excluded); wall time: "
                  "the whole run (loading, tokenising, training, evaluation).")
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"

@@ -81,6 +81,9 @@ def run(config, workdir: str | Path, *, allow_config_change: bool = False, devic
         "eval_seconds": time.time() - t1,
         "eval_examples": {es.name: len(es.encoded) for es in data.test},
     }
+    if config.eval.get("answer_loss", True):
+        out["test_loss"] = evaluation.heldout_loss(state, data.test, mesh, config)
+        out["test_loss_mean"] = sum(out["test_loss"].values()) / len(out["test_loss"])
     logger.info("eval only: test mean %.2f in %.1fs", out["test_mean"], out["eval_seconds"])
     if is_main:
         configuration.write_json_atomic(workdir / RESULTS_FILE, out)

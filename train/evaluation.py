@@ -13,11 +13,15 @@ import math
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh
 
 from ept_jax import sharding as sharding_lib
 from ept_jax.data import eval_batches
+from ept_jax.data.batching import collate_decoder_only, collate_seq2seq
+from ept_jax.losses import token_nll
 from ept_jax.metrics import compute_task_metrics, glue_average
 from ept_jax.nn import AdapterContext
 from train import steps
@@ -100,6 +104,51 @@ def evaluate(state: TrainState, sets: Sequence[EvalSet], tokenizer, mesh: Mesh, 
         logger.info("eval %s: %s; e.g. %r -> %r", es.name, _fmt(results[es.name]), es.encoded.references[0],
                     predictions[0])
     return results
+
+
+@functools.lru_cache(maxsize=8)
+def _loss_fn(graphdef, family: str):
+    def fn(trainable, frozen, batch):
+        model = nnx.merge(graphdef, trainable, frozen)
+        ctx = AdapterContext(task_ids=batch["task_ids"], semantic=batch.get("semantic"), deterministic=True)
+        logits = steps.forward(family, model, batch, ctx)
+        nll = token_nll(logits, batch["labels"]) * batch["label_mask"]
+        return jnp.sum(nll), jnp.sum(batch["label_mask"])
+
+    return jax.jit(fn)
+
+
+def heldout_loss(state: TrainState, sets: Sequence[EvalSet], mesh: Mesh, config) -> dict[str, float]:
+    """``{set name: mean token NLL}`` of the answers (the training targets, EOS included) of every evaluation
+    set, teacher-forced with each example routed by its task id: the training loss on held-out examples, the
+    curve that separates methods long before accuracy does."""
+    family = str(config.model.family)
+    batch_size = int(config.eval.batch_size)
+    fn = _loss_fn(state.graphdef, family)
+    sharding = _eval_sharding(mesh, batch_size)
+    out = {}
+    for es in sets:
+        n = len(es.encoded)
+        total, count = 0.0, 0.0
+        for start in range(0, n, batch_size):
+            idx = list(range(start, min(n, start + batch_size)))
+            items = [(0, i) for i in idx] + [(0, idx[-1])] * (batch_size - len(idx))
+            if family == "t5":
+                b = collate_seq2seq([es.encoded], items, max_source_length=int(config.data.max_source_length),
+                                    max_target_length=int(config.data.max_target_length),
+                                    decoder_start_token_id=0)
+            else:
+                b = collate_decoder_only([es.encoded], items, max_length=int(config.data.max_source_length)
+                                         + int(config.data.max_target_length))
+            b["label_mask"][len(idx):] = 0  # the rows that only pad the batch
+            b["task_ids"][:] = es.task_id
+            if es.semantic is not None:
+                b["semantic"] = es.semantic[[i for _, i in items]]
+            b = {k: put_global(np.asarray(v), sharding) for k, v in b.items()}
+            s, c = fn(state.trainable, state.frozen, b)
+            total, count = total + float(s), count + float(c)
+        out[es.name] = total / max(count, 1.0)
+    return out
 
 
 def mean_score(results: dict[str, dict], sets: Sequence[EvalSet], mode: str) -> float:

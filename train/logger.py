@@ -158,6 +158,8 @@ class MetricsLogger:
             parts.append(f"MFU {record['mfu']:.1%}")
         if isinstance(record.get("eval_mean"), float):
             parts.append(f"eval {record['eval_mean']:.2f}")
+        if isinstance(record.get("eval_loss_mean"), float):
+            parts.append(f"eval loss {record['eval_loss_mean']:.3f}")
         if record.get("skipped_steps"):
             parts.append(f"skipped {record['skipped_steps']}")
         done = step - self.start_step

