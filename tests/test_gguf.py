@@ -202,20 +202,8 @@ def test_smollm2_q4_1_matches_transformers_gguf_loader():
     assert int(ours[0, -1].argmax()) == 7042  # " Paris"
 
 
-def test_tokenizer_from_gguf(tmp_path):
-    w = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), "llama")
-    tokens = ["<s>", "</s>", "a", "b", "c", "ab", "\u0120", "\u0120ab"]  # byte-level BPE: U+0120 is a space
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_merges(["a b", "\u0120 ab"])
-    w.add_token_types([3, 3, 1, 1, 1, 1, 1, 1])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    tokenizer = G.load_tokenizer(tmp_path / "tok.gguf")
+def test_tokenizer_from_gguf(tmp_path, tiny_bpe_gguf):
+    tokenizer = G.load_tokenizer(tiny_bpe_gguf)
     assert tokenizer("ab ab")["input_ids"][-2:] == [5, 7]
     assert tokenizer.eos_token == "</s>"
     with pytest.raises(CheckpointError, match="does not exist"):

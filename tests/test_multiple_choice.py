@@ -6,7 +6,6 @@ import importlib.util
 import os
 from pathlib import Path
 
-import gguf
 import jax
 import numpy as np
 import pytest
@@ -17,23 +16,11 @@ from ept_jax.eval import multiple_choice as mc
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _tokenizer(tmp_path):
-    """A byte-level BPE tokenizer of 8 tokens whose merges cross the context/continuation boundary."""
+@pytest.fixture
+def tok(tiny_bpe_gguf):
     from ept_jax.checkpoints.gguf import load_tokenizer
 
-    w = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), "llama")
-    tokens = ["<s>", "</s>", "a", "b", "c", "ab", "\u0120", "\u0120ab"]  # U+0120 is a space
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_merges(["a b", "\u0120 ab"])
-    w.add_token_types([3, 3, 1, 1, 1, 1, 1, 1])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return load_tokenizer(tmp_path / "tok.gguf")
+    return load_tokenizer(tiny_bpe_gguf)
 
 
 def _tiny_llama(vocab: int):
@@ -56,8 +43,7 @@ def _direct_loglik(model, ids: list[int], n_cont: int) -> float:
     return float(sum(logp[t, tgt[t]] for t in range(len(tgt) - n_cont, len(tgt))))
 
 
-def test_encode_pair_moves_trailing_spaces_and_splits_merges_as_lm_eval(tmp_path):
-    tok = _tokenizer(tmp_path)
+def test_encode_pair_moves_trailing_spaces_and_splits_merges_as_lm_eval(tok):
     assert tok("ab ab", add_special_tokens=False)["input_ids"] == [5, 7]
     # the space belongs to the continuation's merged token " ab" (7), not to the context
     assert mc.encode_pair(tok, "ab", " ab") == ([5], [7])
@@ -68,8 +54,7 @@ def test_encode_pair_moves_trailing_spaces_and_splits_merges_as_lm_eval(tmp_path
     assert ctx + cont == tok("cab", add_special_tokens=False)["input_ids"]
 
 
-def test_scorer_equals_direct_forward_with_padding_and_truncation(tmp_path):
-    tok = _tokenizer(tmp_path)
+def test_scorer_equals_direct_forward_with_padding_and_truncation(tok):
     model = _tiny_llama(len(tok))
     examples = [
         mc.ChoiceExample("ab", ("ab", "c", "ab ab"), gold=0),

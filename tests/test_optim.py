@@ -14,14 +14,6 @@ from train.optim import AdamWTorchState, adamw_torch, clip_by_global_norm_torch,
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture
-def x64():
-    prev = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", prev)
-
-
 def _schedule(i):
     return 0.05 * jnp.minimum(1.0, (jnp.asarray(i, jnp.result_type(float)) + 0.0) / 2.0)
 

@@ -41,14 +41,6 @@ KINDS = {  # the release's tensor-name kinds of expected.json's *_by_kind fields
 }
 
 
-@pytest.fixture
-def x64():
-    prev = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", prev)
-
-
 def _expected(case: str) -> dict:
     return json.loads((FIXTURES / case / "expected.json").read_text())
 

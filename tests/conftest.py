@@ -1,0 +1,36 @@
+"""Fixtures shared by several test modules."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+
+@pytest.fixture
+def x64():
+    """float64 for the duration of one test (exact-math tests), restored afterwards."""
+    prev = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", prev)
+
+
+@pytest.fixture
+def tiny_bpe_gguf(tmp_path):
+    """A GGUF file holding only a byte-level BPE tokenizer of 8 tokens (U+0120 is a space), merges "a b" -> "ab"
+    and "\u0120 ab" -> "\u0120ab" (so a merge can cross a context/continuation boundary); bos 0, eos 1."""
+    import gguf
+
+    path = tmp_path / "tok.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["<s>", "</s>", "a", "b", "c", "ab", "\u0120", "\u0120ab"])
+    w.add_token_merges(["a b", "\u0120 ab"])
+    w.add_token_types([3, 3, 1, 1, 1, 1, 1, 1])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
