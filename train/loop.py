@@ -36,6 +36,7 @@ from train.checkpointing import FORMAT_VERSION, Checkpointer
 from train.data import build_data
 from train.errors import NonFiniteLossError, UserError
 from train.logger import MetricsLogger
+from train.rundir import WorkdirLock
 
 logger = logging.getLogger(__name__)
 
@@ -281,13 +282,22 @@ def run(config, workdir: str | os.PathLike, *, allow_config_change: bool = False
       UserError / ValueError / ...: bad config or input, named in the message (see ``train/errors.py``).
     """
     created = not Path(workdir).exists()
+    # one workdir, one run (train/rundir.py); of a multi-process job, process 0 holds it for the job
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
     try:
+        if lock is not None:
+            lock.acquire()
         if config.train.steps == 0:  # "evaluate and stop" (train/eval_only.py): nothing trained, nothing to lose
             from train import eval_only
 
-            return eval_only.run(config, workdir, allow_config_change=allow_config_change, devices=devices)
+            out = eval_only.run(config, workdir, allow_config_change=allow_config_change, devices=devices)
+            if lock is not None:
+                lock.release()
+            return out
         r = _Run(config, Path(workdir), allow_config_change=allow_config_change, devices=devices)
     except BaseException:
+        if lock is not None:
+            lock.release()
         # Nothing was trained: a refused command leaves no empty (or config-only) workdir behind.
         if created and jax.process_index() == 0:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -296,3 +306,5 @@ def run(config, workdir: str | os.PathLike, *, allow_config_change: bool = False
         return r.train()
     finally:
         r.close()
+        if lock is not None:
+            lock.release()

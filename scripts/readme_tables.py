@@ -1,0 +1,99 @@
+"""Writes the README's result tables from the runs' own files (never edited by hand).
+
+    python scripts/readme_tables.py          # rewrite every generated block of README.md
+    python scripts/readme_tables.py --check  # exit 1 when a block differs from what its files give
+
+A block is the text between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``; :data:`BLOCKS` maps each
+name to the function that renders it from files under ``docs/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "results"
+
+# Published zero-shot scores (SmolLM2 model cards; lighteval, loglikelihood_acc_norm_nospace, ARC on its test
+# split, the Instruct model with its chat template): the sanity anchor of our cloze scores.
+PUBLISHED = {
+    "SmolLM2-135M-Instruct": {"ARC (mean of E and C)": 37.3, "PIQA": 66.3, "HellaSwag": 40.9},
+    "SmolLM2-135M (base)": {"ARC (mean of E and C)": 43.9, "OpenBookQA": 34.6, "PIQA": 68.4},
+}
+
+
+def smollm2_compare() -> str:
+    import ml_collections
+
+    from train.compare import format_table
+
+    data = json.loads((RESULTS / "smollm2_compare.json").read_text())
+    return format_table(ml_collections.ConfigDict(data["config"]), data["runs"]).rstrip("\n")
+
+
+def smollm2_base_cloze() -> str:
+    from train.score import table
+
+    data = json.loads((RESULTS / "smollm2_base_cloze.json").read_text())
+    t = data["tasks"]
+    lines = [table(data, "cloze, base SmolLM2-135M-Instruct Q4_1"), ""]
+    if "arc_e" in t and "arc_c" in t:
+        arc = (t["arc_e"]["acc_norm"] + t["arc_c"]["acc_norm"]) / 2
+        lines.append("| anchor | ours, acc_norm | published (Instruct) | published (base) |")
+        lines.append("|---|---:|---:|---:|")
+        key = "ARC (mean of E and C)"
+        lines.append(f"| {key} | {arc:.1f} | {PUBLISHED['SmolLM2-135M-Instruct'][key]} "
+                     f"| {PUBLISHED['SmolLM2-135M (base)'][key]} |")
+        if "piqa" in t:
+            lines.append(f"| PIQA | {t['piqa']['acc_norm']:.1f} | {PUBLISHED['SmolLM2-135M-Instruct']['PIQA']} | "
+                         f"{PUBLISHED['SmolLM2-135M (base)']['PIQA']} |")
+        if "openbookqa" in t:
+            lines.append(f"| OpenBookQA | {t['openbookqa']['acc_norm']:.1f} | - | "
+                         f"{PUBLISHED['SmolLM2-135M (base)']['OpenBookQA']} |")
+    return "\n".join(lines)
+
+
+def smollm2_grid() -> str:
+    from train.sweep import table
+
+    data = json.loads((RESULTS / "smollm2_lr_init_grid" / "sweep.json").read_text())
+    return table(data["summary"]).rstrip("\n")
+
+
+BLOCKS = {"smollm2-compare": smollm2_compare, "smollm2-base-cloze": smollm2_base_cloze, "smollm2-grid": smollm2_grid}
+
+
+def render(readme: str) -> str:
+    """``readme`` with every generated block rewritten."""
+    for name, fn in BLOCKS.items():
+        pattern = re.compile(rf"(<!-- generated:{re.escape(name)} -->\n).*?(\n<!-- /generated:{re.escape(name)} -->)",
+                             re.S)
+        if pattern.search(readme):
+            readme = pattern.sub(lambda m, fn=fn: m.group(1) + fn() + m.group(2), readme)
+    return readme
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true")
+    args = p.parse_args(argv)
+    path = REPO / "README.md"
+    old = path.read_text()
+    new = render(old)
+    if args.check:
+        if new != old:
+            print("README.md: a generated block differs from its files; run python scripts/readme_tables.py",
+                  file=sys.stderr)
+            return 1
+        return 0
+    path.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())
