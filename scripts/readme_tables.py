@@ -70,8 +70,8 @@ BLOCKS = {"smollm2-compare": smollm2_compare, "smollm2-base-cloze": smollm2_base
 def render(readme: str) -> str:
     """``readme`` with every generated block rewritten."""
     for name, fn in BLOCKS.items():
-        pattern = re.compile(rf"(<!-- generated:{re.escape(name)} -->\n)(?:.*?\n)?(<!-- /generated:{re.escape(name)} -->)",
-                             re.S)
+        tag = re.escape(name)
+        pattern = re.compile(rf"(<!-- generated:{tag} -->\n)(?:.*?\n)?(<!-- /generated:{tag} -->)", re.S)
         if pattern.search(readme):
             readme = pattern.sub(lambda m, fn=fn: m.group(1) + fn() + "\n" + m.group(2), readme)
     return readme

@@ -167,6 +167,9 @@ def main(argv: list[str]) -> None:
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax._src", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from train import compile_cache
+
+    compile_cache.enable()
     try:
         out = compare(main_lib._CONFIG.value, main_lib._WORKDIR.value, tuple(_METHODS.value),
                       allow_config_change=main_lib._ALLOW_CHANGE.value)

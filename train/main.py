@@ -97,7 +97,9 @@ def main(argv: list[str]) -> None:
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax._src", "etils", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from train import loop  # after flag parsing: importing JAX is slow, errors above should be fast
+    from train import compile_cache, loop  # after flag parsing: importing JAX is slow, errors above should be fast
+
+    compile_cache.enable()
 
     try:
         summary = loop.run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)

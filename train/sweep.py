@@ -137,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax._src", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from train import loop
+    from train import compile_cache, loop
     from train.main import load_config_file
+
+    compile_cache.enable()
 
     out = Path(args.out)
     points: dict[str, list[dict[str, list]]] = {}
