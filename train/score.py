@@ -98,7 +98,7 @@ def _load(args) -> tuple[Any, Any, Any, bool, str]:
                 value = raw
             node[last] = value
     model = state_lib.build_model(config)
-    return model, config, state_lib.load_tokenizer(config), False, f"{config.model.name_or_path} (base)"
+    return model, config, state_lib.load_tokenizer(config), False, f"{Path(str(config.model.name_or_path)).name} (base)"
 
 
 def main(argv: list[str] | None = None) -> int:
