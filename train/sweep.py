@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", action="append", required=True, help="'NAME: KEY=VALUE ...' (repeatable)")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE for every run (repeatable)")
     p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--tag", default=None, help="write TAG.json / TAG.png / TAG.md instead of sweep.json, "
+                   "heldout_loss.png, table.md (e.g. more seeds of some points, reusing the runs of OUT/runs)")
     args = p.parse_args(argv)
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax._src", "etils"):
@@ -170,9 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = summarise(points)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps({**meta, "curves": points, "summary": summary}, indent=1) + "\n")
-    (out / "table.md").write_text(table(summary))
-    plot(points, out / "heldout_loss.png")
+    names = (f"{args.tag}.json", f"{args.tag}.md", f"{args.tag}.png") if args.tag else \
+        ("sweep.json", "table.md", "heldout_loss.png")
+    (out / names[0]).write_text(json.dumps({**meta, "curves": points, "summary": summary}, indent=1) + "\n")
+    (out / names[1]).write_text(table(summary))
+    plot(points, out / names[2])
     print(table(summary), end="")
     return 0
 
