@@ -97,8 +97,10 @@ def test_commonsense_config_by_override(kind, tmp_path):
     c.train.steps, c.train.warmup_steps, c.train.log_every = 2, 1, 1
     c.train.eval_every = c.train.checkpoint_every = 2
     c.eval.max_examples, c.eval.batch_size, c.eval.max_new_tokens = 4, 4, 2
+    assert c.adapter.contrastive_lambda == 0.0  # the release's LLaMA has no contrastive term
+    c.adapter.contrastive_lambda = 0.1  # ept_jax's, on the decoder's Linears
     loop.run(c, tmp_path / "run")
     records = logger.read_metrics(tmp_path / "run")
     assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in records)
-    assert (records[0]["contrastive"] > 0) == (kind == "more")  # the LLaMA configs count the decoder's
+    assert (records[0]["contrastive"] > 0) == (kind == "more")  # turned on, it counts the decoder's
     assert set(records[-1]["eval"]) == {"arc_e", "arc_c"}
