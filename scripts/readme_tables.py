@@ -1,6 +1,6 @@
-"""Writes the README's result tables from the runs' own files (never edited by hand).
+"""Writes the result tables of README.md and docs/results.md from the runs' own files (never edited by hand).
 
-    python scripts/readme_tables.py          # rewrite every generated block of README.md
+    python scripts/readme_tables.py          # rewrite every generated block of those files
     python scripts/readme_tables.py --check  # exit 1 when a block differs from what its files give
 
 A block is the text between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``; :data:`BLOCKS` maps each
@@ -64,7 +64,22 @@ def smollm2_grid() -> str:
     return table(data["summary"]).rstrip("\n")
 
 
-BLOCKS = {"smollm2-compare": smollm2_compare, "smollm2-base-cloze": smollm2_base_cloze, "smollm2-grid": smollm2_grid}
+def smollm2_grid_curves() -> str:
+    """Held-out answer loss at every evaluation of every grid point (mean over seeds)."""
+    data = json.loads((RESULTS / "smollm2_lr_init_grid" / "sweep.json").read_text())
+    steps = sorted({st for runs in data["curves"].values() for c in runs for st in c["step"]})
+    lines = ["| run | " + " | ".join(f"step {st}" for st in steps) + " |", "|---" + "|---:" * len(steps) + "|"]
+    for name, runs in data["curves"].items():
+        cells = []
+        for st in steps:
+            vals = [c["eval_loss"][c["step"].index(st)] for c in runs if st in c["step"]]
+            cells.append(f"{sum(vals) / len(vals):.3f}" if vals else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+BLOCKS = {"smollm2-compare": smollm2_compare, "smollm2-base-cloze": smollm2_base_cloze, "smollm2-grid": smollm2_grid,
+          "smollm2-grid-curves": smollm2_grid_curves}
 
 
 def render(readme: str) -> str:
@@ -77,20 +92,28 @@ def render(readme: str) -> str:
     return readme
 
 
+DOCUMENTS = ("README.md", "docs/results.md")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true")
     args = p.parse_args(argv)
-    path = REPO / "README.md"
-    old = path.read_text()
-    new = render(old)
-    if args.check:
+    stale = []
+    for name in DOCUMENTS:
+        path = REPO / name
+        if not path.is_file():
+            continue
+        old = path.read_text()
+        new = render(old)
         if new != old:
-            print("README.md: a generated block differs from its files; run python scripts/readme_tables.py",
-                  file=sys.stderr)
-            return 1
-        return 0
-    path.write_text(new)
+            stale.append(name)
+            if not args.check:
+                path.write_text(new)
+    if args.check and stale:
+        print(f"{', '.join(stale)}: a generated block differs from its files; run python scripts/readme_tables.py",
+              file=sys.stderr)
+        return 1
     return 0
 
 
