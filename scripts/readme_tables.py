@@ -64,6 +64,14 @@ def smollm2_grid() -> str:
     return table(data["summary"]).rstrip("\n")
 
 
+def smollm2_finalists() -> str:
+    """The grid's two finalists repeated over seeds (``train.sweep --tag finalists_2seeds``)."""
+    from train.sweep import table
+
+    data = json.loads((RESULTS / "smollm2_lr_init_grid" / "finalists_2seeds.json").read_text())
+    return table(data["summary"]).rstrip("\n")
+
+
 def smollm2_grid_curves() -> str:
     """Held-out answer loss at every evaluation of every grid point (mean over seeds)."""
     data = json.loads((RESULTS / "smollm2_lr_init_grid" / "sweep.json").read_text())
@@ -79,7 +87,7 @@ def smollm2_grid_curves() -> str:
 
 
 BLOCKS = {"smollm2-compare": smollm2_compare, "smollm2-base-cloze": smollm2_base_cloze, "smollm2-grid": smollm2_grid,
-          "smollm2-grid-curves": smollm2_grid_curves}
+          "smollm2-grid-curves": smollm2_grid_curves, "smollm2-finalists": smollm2_finalists}
 
 
 def render(readme: str) -> str:
