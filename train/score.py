@@ -14,7 +14,6 @@ and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 import time
@@ -78,25 +77,12 @@ def _load(args) -> tuple[Any, Any, Any, bool, str]:
         run = restore_for_export(args.workdir, step=args.step)
         return run.model, run.config, state_lib.load_tokenizer(run.config), True, f"{args.workdir} step {run.step}"
     from train.main import load_config_file
+    from train.sweep import apply, parse_assignments
 
     config = load_config_file(args.config)
     with config.unlocked():
         config.adapter.kind = "none"
-        for item in args.set or ():
-            key, sep, raw = item.partition("=")
-            if not sep:
-                raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. model.num_layers=2")
-            node = config
-            *path, last = key.split(".")
-            for part in path:
-                node = node[part]
-            if last not in node:
-                raise ValueError(f"--set {item!r}: the config has no key {key!r}")
-            try:
-                value = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                value = raw
-            node[last] = value
+    apply(config, parse_assignments(" ".join(args.set or ())))
     model = state_lib.build_model(config)
     return model, config, state_lib.load_tokenizer(config), False, f"{Path(str(config.model.name_or_path)).name} (base)"
 

@@ -21,6 +21,7 @@ in training (``AdapterContext(task_ids=...)``), or merged weights run with adapt
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -170,15 +171,9 @@ def _forward_nll(graphdef, static: _Static, trainable, frozen, batch):
     return jnp.sum(nll, axis=-1)
 
 
-_JITTED: dict[Any, Any] = {}
-
-
+@functools.lru_cache(maxsize=8)
 def _jitted(graphdef):
-    fn = _JITTED.get(graphdef)
-    if fn is None:
-        fn = _JITTED[graphdef] = jax.jit(lambda static, tr, fr, b: _forward_nll(graphdef, static, tr, fr, b),
-                                         static_argnums=0)
-    return fn
+    return jax.jit(lambda static, tr, fr, b: _forward_nll(graphdef, static, tr, fr, b), static_argnums=0)
 
 
 def family_of_model(model) -> str:
