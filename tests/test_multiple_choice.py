@@ -73,6 +73,51 @@ def test_scorer_equals_direct_forward_with_padding_and_truncation(tok):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_packed_rows_score_as_separate_rows(tok):
+    """An example's choices packed in one row (shared context, one segment per choice, logits only at the scored
+    positions) give the scores of one row per choice; what does not fit or does not share its context is not
+    packed."""
+    model = _tiny_llama(len(tok))
+    examples = [
+        mc.ChoiceExample("ab c", ("ab", "c", "ab ab c"), gold=2),   # multi-token continuations share a row
+        mc.ChoiceExample("c ab", ("ab", "ab"), gold=0),              # one-token continuations: no token added
+        mc.ChoiceExample("ab ab ab ab ab ab", ("c ab ab", "ab"), gold=1),  # too long to pack at max_length 8
+    ]
+    rows, lengths = mc._rows_decoder(tok, examples, 8, pack=True)
+    by_example = {}
+    for r in rows:
+        by_example.setdefault(r.scored[0][2], []).append(r)
+    assert len(by_example[0]) == 1 and len(by_example[1]) == 1 and len(by_example[2]) == 2
+    for i in (0, 1):  # the context once, then each continuation but its last token
+        pairs = [mc.encode_pair(tok, examples[i].context, " " + c) for c in examples[i].choices]
+        assert len(by_example[i][0].inputs) == len(pairs[0][0]) + sum(len(c) - 1 for _, c in pairs)
+    packed = mc.score(model, tok, examples, batch_size=2, max_length=8)
+    single = mc.score(model, tok, examples, batch_size=2, max_length=8, pack=False)
+    for a, b in zip(packed.loglik, single.loglik, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(packed.n_tokens[0], single.n_tokens[0])
+
+
+def test_llama_segments_and_logit_positions_equal_separate_sequences():
+    model = _tiny_llama(40)
+    ctx, c1, c2 = [3, 4, 5], [6, 7], [8, 9, 10]
+    ids = np.asarray([ctx + c1 + c2])
+    seg = np.asarray([[0, 0, 0, 1, 1, 2, 2, 2]])
+    pos = np.asarray([[0, 1, 2, 3, 4, 3, 4, 5]])
+    at = np.asarray([[1, 4, 6]])
+    out = np.asarray(model(ids, None, None, pos, segment_ids=seg, logit_positions=at))
+    first = np.asarray(model(np.asarray([ctx + c1]), None, None))
+    second = np.asarray(model(np.asarray([ctx + c2]), None, None))
+    assert out.shape == (1, 3, 40)
+    np.testing.assert_allclose(out[0, 0], first[0, 1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[0, 1], first[0, 4], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[0, 2], second[0, 4], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="segment_ids has shape"):
+        model(ids, None, None, pos, segment_ids=seg[:, :4])
+    with pytest.raises(ValueError, match="logit_positions must be"):
+        model(ids, None, None, pos, logit_positions=at[0])
+
+
 def test_acc_and_acc_norm_disagree_on_a_hand_made_case():
     ex = mc.ChoiceExample("q", ("no", "definitely yes"), gold=1)
     loglik = np.asarray([-4.0, -6.0])  # raw: "no" wins; per character: -2.0 vs -0.43, the long answer wins

@@ -274,6 +274,9 @@ class LlamaModel(nnx.Module):
         attention_mask: Array | None = None,
         ctx: AdapterContext | None = None,
         positions: Array | None = None,
+        *,
+        segment_ids: Array | None = None,
+        logit_positions: Array | None = None,
     ) -> Array:
         """Logits ``(B, L, vocab)`` float32 for ``input_ids (B, L)``.
 
@@ -281,6 +284,12 @@ class LlamaModel(nnx.Module):
           attention_mask: ``(B, L)``, 1/True for real tokens (either padding side); None = all real.
           ctx: adapter context (task ids, dropout); None runs the base model.
           positions: ``(B, L)`` int positions; default :func:`positions_from_mask`.
+          segment_ids: ``(B, L)`` int, several continuations of one shared prefix packed in a row: segment 0 is
+            the prefix, which every token sees; a token of segment ``c > 0`` sees only the prefix and earlier
+            tokens of its own segment (give each segment its positions after the prefix's). None = one sequence.
+          logit_positions: ``(B, K)`` int, compute the logits only at these positions of each row: returns
+            ``(B, K, vocab)`` (the output projection and the softmax over the vocabulary are most of the cost of
+            a short row that scores a few tokens).
         """
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
@@ -288,7 +297,17 @@ class LlamaModel(nnx.Module):
         mask = _check_mask(attention_mask, input_ids.shape)
         if positions is None:
             positions = positions_from_mask(mask)
-        logits, _ = self._run(input_ids, positions, mask, ctx, None, 0)
+        seg = None
+        if segment_ids is not None:
+            seg = jnp.asarray(segment_ids)
+            if seg.shape != input_ids.shape:
+                raise ValueError(f"segment_ids has shape {seg.shape}; input_ids {input_ids.shape}")
+        if logit_positions is not None:
+            logit_positions = jnp.asarray(logit_positions)
+            if logit_positions.ndim != 2 or logit_positions.shape[0] != input_ids.shape[0]:
+                raise ValueError(f"logit_positions must be (batch={input_ids.shape[0]}, K); got shape "
+                                 f"{logit_positions.shape}")
+        logits, _ = self._run(input_ids, positions, mask, ctx, None, 0, seg, logit_positions)
         return logits
 
     def init_cache(self, batch: int, max_length: int) -> KVCache:
@@ -319,12 +338,14 @@ class LlamaModel(nnx.Module):
         """
         return self._run(input_ids, positions, kv_mask.astype(bool), ctx, cache, index)
 
-    def _run(self, input_ids, positions, kv_mask, ctx, cache, index):
+    def _run(self, input_ids, positions, kv_mask, ctx, cache, index, segments=None, logit_positions=None):
         cfg = self.cfg
         length = input_ids.shape[1]
         q_slot = index + jnp.arange(length)
         k_slot = jnp.arange(kv_mask.shape[1])
         mask = (k_slot[None, :] <= q_slot[:, None])[None] & kv_mask[:, None, :]
+        if segments is not None:  # a token sees the shared prefix (segment 0) and its own segment
+            mask = mask & ((segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None]))
         cos, sin = rope_cos_sin(cfg, positions, accum_dtype(self.dtype))
         h = self.model.embed_tokens(input_ids)
         new_cache = []
@@ -336,6 +357,8 @@ class LlamaModel(nnx.Module):
             for i, layer in enumerate(self.model.layers):
                 h, layer_cache = layer(h, cos, sin, mask, ctx, cache[i], index)
                 new_cache.append(layer_cache)
+        if logit_positions is not None:
+            h = jnp.take_along_axis(h, logit_positions[:, :, None].astype(jnp.int32), axis=1)
         h = self.model.norm(h)
         logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
         return logits.astype(accum_dtype(logits.dtype)), (None if cache is None else tuple(new_cache))
