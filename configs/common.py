@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_target_length = 16
     c.data.max_train_examples = config_dict.placeholder(int)  # per task; None = all
     c.data.tokenizer = config_dict.placeholder(str)  # None = the model's; 'byt5'; or a tokenizer directory
+    c.data.prompt_format = "letters"  # commonsense: 'letters' (the release's prompts) | 'cloze' (lm-eval's templates)
     c.data.semantic_cache_dir = config_dict.placeholder(str)  # T-REX embeddings/centroids; None = <workdir>/semantic
 
     c.train = ml_collections.ConfigDict()
@@ -109,6 +110,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.average = "paper"  # 'paper' | 'release' (see ept_jax.metrics.glue_average)
     c.eval.final_test = True  # evaluate the best checkpoint on the test sets at the end
     c.eval.answer_loss = True  # at each evaluation: held-out answer loss (teacher-forced NLL) -> eval_loss
+    # greedy generation at each evaluation (accuracy); False: the held-out answer loss alone selects the best step
+    c.eval.generation = True
+    # after training: log-likelihood multiple-choice scores of the best checkpoint on every example of the test
+    # sets (train.score; commonsense tasks): None | 'cloze' | 'letters'
+    c.eval.choice_format = config_dict.placeholder(str)
+    c.eval.choice_max_length = 256  # tokens per scored row (contexts truncated from the left)
+
+    # train.compare: each method's own settings, as train.sweep's --run assignments ("train.learning_rate=1e-2")
+    c.compare = ml_collections.ConfigDict()
+    c.compare.ept = ""
+    c.compare.lora = ""
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ept_jax.data.tasks import get_task
+from ept_jax.data.tasks import get_task, normalize_text
 
 AVERAGE_MODES = ("paper", "release")
 _RELEASE_AVERAGED = ("accuracy", "mcc", "pearson")
@@ -136,6 +136,17 @@ def count_unparsable(task: str, predictions: Sequence[str]) -> int:
 
 def _zero_if_nan(value: float) -> float:
     return 0.0 if math.isnan(value) else value
+
+
+def exact_match_accuracy(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """``{"accuracy": percent}`` of generations equal to their reference after normalisation
+    (:func:`ept_jax.data.tasks.normalize_text`): the generation metric of free-text answers (cloze prompts)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not references:
+        raise ValueError("no examples to score")
+    hits = [normalize_text(p) == normalize_text(r) for p, r in zip(predictions, references, strict=True)]
+    return {"accuracy": 100.0 * sum(hits) / len(hits)}
 
 
 def compute_task_metrics(task: str, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:

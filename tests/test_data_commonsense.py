@@ -105,6 +105,36 @@ def test_offline_halves(rows):
     assert "NOT a benchmark protocol" in offline_halves.__doc__
 
 
+def test_cloze_training_examples_are_the_scorers_prompts_answered_by_the_gold_choice(raw):
+    """``prompt_format="cloze"``: lm-eval's templates, the gold choice's text as the target; the same rows, halves
+    and contexts as the multiple-choice scorer's cloze examples (what is trained is what is scored)."""
+    from ept_jax.eval.choice_formats import load_choice_examples
+
+    for task in SIZES:
+        data = load_task(task, prompt_format="cloze")
+        scored = load_choice_examples(task, "cloze", half="eval")
+        (evaluation,) = data.test.values()
+        assert [e.source for e in evaluation] == [x.context for x in scored]
+        assert [e.target for e in evaluation] == [x.choices[x.gold] for x in scored]
+        assert [e.source for e in data.train] == [x.context for x in load_choice_examples(task, "cloze",
+                                                                                           half="train")]
+    b = raw["boolq"][0]
+    first = load_commonsense_split("boolq", prompt_format="cloze")[0]
+    assert first.source == f"{b['passage']}\nQuestion: {b['question']}?\nAnswer:"
+    assert first.target == ("yes" if b["answer"] else "no")
+    o = raw["openbookqa"][0]
+    first = load_commonsense_split("openbookqa", prompt_format="cloze")[0]
+    assert first.source == o["question_stem"]
+    assert first.target == o["choices"]["text"][o["choices"]["label"].index(o["answerKey"])]
+    with pytest.raises(ValueError, match="prompt format 'mc': accepted letters, cloze"):
+        load_commonsense_split("arc_e", prompt_format="mc")
+    with pytest.raises(ValueError, match="prompt_format='cloze': task 'sst2' .* has only 'letters'"):
+        load_task("sst2", prompt_format="cloze")
+    # generation under cloze: exact match of the normalised text
+    assert metrics.exact_match_accuracy([" Yes.", "the sun", "x"], ["yes", "The sun", "y"]) == \
+        {"accuracy": 200.0 / 3}
+
+
 def test_bad_inputs(tmp_path, raw):
     with pytest.raises(ValueError, match="unknown commonsense task 'hellaswag'; accepted: boolq"):
         load_commonsense_split("hellaswag")

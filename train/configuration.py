@@ -34,6 +34,7 @@ MUTABLE_PREFIXES = (
     "eval.",
     "mesh.",
     "model.scan_layers",
+    "compare.",  # train.compare's per-method settings: applied before a run, not read by it
 )
 
 
@@ -132,6 +133,20 @@ def validate(config) -> None:
     if e.max_examples is not None:
         _positive_int(e.max_examples, "eval.max_examples")
     _choice(e.average, "eval.average", AVERAGES)
+    _choice(config.data.get("prompt_format", "letters"), "data.prompt_format", ("letters", "cloze"))
+    if config.data.get("prompt_format", "letters") == "cloze" and str(config.data.source) != "commonsense":
+        raise UserError(f"data.prompt_format='cloze' has templates for commonsense tasks only; data.source is "
+                        f"{config.data.source!r}")
+    if not e.get("generation", True) and not e.get("answer_loss", True):
+        raise UserError("eval.generation=False and eval.answer_loss=False leave the evaluation nothing to select the "
+                        "best step by; enable one of them")
+    fmt = e.get("choice_format")
+    if fmt is not None:
+        _choice(fmt, "eval.choice_format", ("cloze", "letters"))
+        if str(config.data.source) != "commonsense":
+            raise UserError(f"eval.choice_format={fmt!r} scores commonsense tasks; data.source is "
+                            f"{config.data.source!r}")
+        _positive_int(e.get("choice_max_length", 256), "eval.choice_max_length")
 
 
 def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

@@ -52,7 +52,8 @@ def load_tasks(config) -> list[TaskData]:
             td = load_task(name, seed=int(config.train.seed), max_train_examples=config.data.max_train_examples)
         else:
             td = load_task(name, protocol=str(config.data.eval_protocol), source=config.data.path,
-                           seed=config.data.split_seed, max_train_examples=config.data.max_train_examples)
+                           seed=config.data.split_seed, max_train_examples=config.data.max_train_examples,
+                           prompt_format=str(config.data.get("prompt_format", "letters")))
         if not td.train:
             raise UserError(f"task {name!r} has no training examples under protocol {config.data.eval_protocol!r}")
         out.append(td)

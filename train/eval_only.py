@@ -3,9 +3,10 @@
 ``python -m train.main --config CONFIG --workdir DIR --config.train.steps=0 --config.adapter.kind=none`` scores
 the base model (no adapters) on the test sets with exactly the evaluation code of a training run (prompts,
 truncation, greedy generation, answer parsing, metrics), and writes ``DIR/results.json`` (``steps`` 0,
-``test``, ``test_mean``, ``eval_seconds``) and ``DIR/config.json``. With adapters configured it scores their
-initialisation (the EPT "reference" variant is not zero at step 0, so that is not the base model).
-Nothing is trained, no optimizer state is built and no checkpoint is written.
+``test``, ``test_mean``, ``eval_seconds``; ``test_loss`` with ``eval.answer_loss``; ``choices`` with
+``eval.choice_format``) and ``DIR/config.json``. With adapters configured it scores their initialisation (the
+EPT "reference" variant is not zero at step 0, so that is not the base model). Nothing is trained, no optimizer
+state is built and no checkpoint is written.
 """
 
 from __future__ import annotations
@@ -72,19 +73,22 @@ def run(config, workdir: str | Path, *, allow_config_change: bool = False, devic
         configuration.reconcile(workdir, config, allow_change=True, write=True)
 
     t1 = time.time()
-    results = evaluation.evaluate(state, data.test, tokenizer, mesh, config)
-    out: dict[str, Any] = {
-        "steps": 0,
-        "eval_only": True,
-        "test": results,
-        "test_mean": evaluation.mean_score(results, data.test, str(config.eval.average)),
-        "eval_seconds": time.time() - t1,
-        "eval_examples": {es.name: len(es.encoded) for es in data.test},
-    }
+    out: dict[str, Any] = {"steps": 0, "eval_only": True,
+                           "eval_examples": {es.name: len(es.encoded) for es in data.test}}
+    if config.eval.get("generation", True):
+        results = evaluation.evaluate(state, data.test, tokenizer, mesh, config)
+        out["test"] = results
+        out["test_mean"] = evaluation.mean_score(results, data.test, str(config.eval.average))
     if config.eval.get("answer_loss", True):
         out["test_loss"] = evaluation.heldout_loss(state, data.test, mesh, config)
         out["test_loss_mean"] = sum(out["test_loss"].values()) / len(out["test_loss"])
-    logger.info("eval only: test mean %.2f in %.1fs", out["test_mean"], out["eval_seconds"])
+    out["eval_seconds"] = time.time() - t1
+    if config.eval.get("choice_format") is not None:
+        from train import score
+
+        out["choices"] = score.choice_scores(config, state.model(), tokenizer)
+    logger.info("eval only: %s in %.1fs", ", ".join(f"{k} {out[k]:.3f}" for k in ("test_mean", "test_loss_mean")
+                                                   if k in out), time.time() - t1)
     if is_main:
         configuration.write_json_atomic(workdir / RESULTS_FILE, out)
     return {"step": 0, "stopped": False, **out}

@@ -22,7 +22,7 @@ from ept_jax import sharding as sharding_lib
 from ept_jax.data import eval_batches
 from ept_jax.data.batching import collate_decoder_only, collate_seq2seq
 from ept_jax.losses import token_nll
-from ept_jax.metrics import compute_task_metrics, glue_average
+from ept_jax.metrics import compute_task_metrics, exact_match_accuracy, glue_average
 from ept_jax.nn import AdapterContext
 from train import steps
 from train.data import EvalSet
@@ -100,7 +100,10 @@ def evaluate(state: TrainState, sets: Sequence[EvalSet], tokenizer, mesh: Mesh, 
             max_length=int(config.data.max_source_length), max_new_tokens=int(config.eval.max_new_tokens),
             merged_frozen=frozen_t,
         )
-        results[es.name] = compute_task_metrics(es.task, predictions, es.encoded.references)
+        if str(config.data.get("prompt_format", "letters")) == "cloze":  # free-text answers: exact match
+            results[es.name] = exact_match_accuracy(predictions, es.encoded.references)
+        else:
+            results[es.name] = compute_task_metrics(es.task, predictions, es.encoded.references)
         logger.info("eval %s: %s; e.g. %r -> %r", es.name, _fmt(results[es.name]), es.encoded.references[0],
                     predictions[0])
     return results

@@ -195,15 +195,21 @@ class _Run:
         return record
 
     def _evaluate(self, record: dict[str, Any]) -> None:
+        """Evaluates the dev sets into ``record``; the best step is the highest mean score of greedy generation,
+        or, with ``eval.generation=False``, the lowest mean held-out answer loss (``score = -loss``)."""
         cfg = self.config
-        results = evaluation.evaluate(self.state, self.data.dev, self.tokenizer, self.mesh, cfg)
-        score = evaluation.mean_score(results, self.data.dev, str(cfg.eval.average))
-        record["eval"] = results
-        record["eval_mean"] = score
+        results = None
+        if cfg.eval.get("generation", True):
+            results = evaluation.evaluate(self.state, self.data.dev, self.tokenizer, self.mesh, cfg)
+            score = evaluation.mean_score(results, self.data.dev, str(cfg.eval.average))
+            record["eval"] = results
+            record["eval_mean"] = score
         if cfg.eval.get("answer_loss", True):
             losses = evaluation.heldout_loss(self.state, self.data.dev, self.mesh, cfg)
             record["eval_loss"] = losses
             record["eval_loss_mean"] = sum(losses.values()) / len(losses)
+            if results is None:
+                score = -record["eval_loss_mean"]
         best = self.host["best_score"]
         if best is None or (math.isfinite(score) and score > best):
             self.host["best_score"], self.host["best_step"] = score, self.step
@@ -217,13 +223,21 @@ class _Run:
         best = self.ckpt.restore_best(self.state.trainable, self.identity)
         out: dict[str, Any] = {"best_step": self.host["best_step"], "best_dev_mean": self.host["best_score"],
                                "steps": int(self.config.train.steps), "skipped_steps": self.host["skipped_steps"]}
-        if best is not None and self.config.eval.final_test and self.data.test:
-            trainable, _ = best
-            best_state = dataclasses.replace(self.state, trainable=trainable)
+        out["selection"] = "eval_mean" if self.config.eval.get("generation", True) else "-eval_loss_mean"
+        best_state = None if best is None else dataclasses.replace(self.state, trainable=best[0])
+        if best_state is not None and self.config.eval.final_test and self.data.test and \
+                self.config.eval.get("generation", True):
             results = evaluation.evaluate(best_state, self.data.test, self.tokenizer, self.mesh, self.config)
             out["test"] = results
             out["test_mean"] = evaluation.mean_score(results, self.data.test, str(self.config.eval.average))
             logger.info("test sets at the best step %s: mean %.2f", out["best_step"], out["test_mean"])
+        if best_state is not None and self.config.eval.get("choice_format") is not None:
+            from train import score
+
+            out["choices"] = score.choice_scores(self.config, best_state.model(), self.tokenizer)
+            logger.info("multiple-choice scores (%s) at the best step %s: mean acc_norm %.2f in %.0fs",
+                        out["choices"]["format"], out["best_step"], out["choices"]["mean"]["acc_norm"],
+                        out["choices"]["seconds"])
         if self.is_main:
             configuration.write_json_atomic(self.workdir / RESULTS_FILE, out)
         return out

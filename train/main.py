@@ -33,7 +33,7 @@ flags.mark_flag_as_required("workdir")
 EXIT_USER_ERROR = 2
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
     print(f"error: {message} (run with --verbose for the traceback)", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
 
@@ -87,13 +87,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (flags.Error, *USER_ERRORS, AttributeError) as e:
         if "--verbose" in argv or "--verbose=true" in argv:
             raise
-        _fail(_explain_flag_error(argv, e))
+        fail(_explain_flag_error(argv, e))
     raise AssertionError("unreachable")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        _fail(f"unexpected positional arguments {argv[1:]}; all options are --flags")
+        fail(f"unexpected positional arguments {argv[1:]}; all options are --flags")
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax._src", "etils", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -106,16 +106,22 @@ def main(argv: list[str]) -> None:
     except USER_ERRORS as e:
         if _VERBOSE.value:
             raise
-        _fail(one_line(e))
+        fail(one_line(e))
         return
     if summary.get("stopped"):
         print(f"stopped after the checkpoint at step {summary['step']}; run the same command to continue")
         return
     line = f"done: step {summary['step']}"
     if summary.get("best_dev_mean") is not None:
-        line += f", best dev mean {summary['best_dev_mean']:.2f} at step {summary['best_step']}"
+        what = "dev mean" if summary.get("selection", "eval_mean") == "eval_mean" else "held-out loss"
+        value = summary["best_dev_mean"] if what == "dev mean" else -summary["best_dev_mean"]
+        line += f", best {what} {value:.3f} at step {summary['best_step']}"
     if summary.get("test_mean") is not None:
         line += f", test mean {summary['test_mean']:.2f}"
+    if summary.get("test_loss_mean") is not None:
+        line += f", test answer loss {summary['test_loss_mean']:.3f}"
+    if summary.get("choices") is not None:
+        line += f", acc_norm ({summary['choices']['format']}) {summary['choices']['mean']['acc_norm']:.2f}"
     print(line + f"; see {_WORKDIR.value}")
 
 

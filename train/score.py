@@ -54,6 +54,18 @@ def score_tasks(model, tokenizer, examples: dict[str, list[mc.ChoiceExample]], *
     return {"tasks": per_task, "mean": mean}
 
 
+def choice_scores(config, model, tokenizer, *, adapters: bool = True) -> dict[str, Any]:
+    """:func:`score_tasks` of ``model`` on every example of the test sets of ``config`` (its tasks' evaluation
+    halves under ``offline_halves``) in the format ``eval.choice_format``, rows of ``eval.choice_max_length``
+    tokens; the result also names the format and the seconds it took. What a run writes to ``results.json``'s
+    ``choices`` (:mod:`train.loop`, :mod:`train.eval_only`)."""
+    fmt = str(config.eval.choice_format)
+    t0 = time.time()
+    result = score_tasks(model, tokenizer, eval_examples(config, fmt), adapters=adapters,
+                         batch_size=int(config.eval.batch_size), max_length=int(config.eval.choice_max_length))
+    return {**result, "format": fmt, "seconds": round(time.time() - t0, 1)}
+
+
 def table(result: dict[str, Any], title: str) -> str:
     """A markdown table of :func:`score_tasks`' result."""
     lines = [f"| task ({title}) | n | acc | acc 95% CI | acc_norm | acc_norm 95% CI | answer NLL |",

