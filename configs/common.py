@@ -88,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.learning_rate = 3e-4
     c.train.warmup_steps = 500
     c.train.weight_decay = 0.01
+    c.train.lr_multipliers = ""  # per parameter name, e.g. "kernels=10": those leaves at 10x the learning rate
     c.train.grad_clip = 1.0  # global-norm clipping, torch's: g * min(1, clip / (norm + 1e-6)); 0 disables
     c.train.adam_b1 = 0.9
     c.train.adam_b2 = 0.999

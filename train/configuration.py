@@ -112,6 +112,9 @@ def validate(config) -> None:
         raise UserError(f"train.weight_decay={t.weight_decay!r}: must be a number >= 0")
     if not (isinstance(t.grad_clip, (int, float)) and t.grad_clip >= 0):
         raise UserError(f"train.grad_clip={t.grad_clip!r}: must be a number >= 0 (0 disables clipping)")
+    from train.state import parse_lr_multipliers
+
+    parse_lr_multipliers(t.get("lr_multipliers", ""))
     _choice(t.nan_policy, "train.nan_policy", NAN_POLICIES)
     _choice(t.unrouted_experts, "train.unrouted_experts", UNROUTED_EXPERTS)
     for name, lo, hi in (("adam_b1", 0.0, 1.0), ("adam_b2", 0.0, 1.0)):

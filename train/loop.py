@@ -28,8 +28,10 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from ept_jax import sharding as sharding_lib
+from ept_jax.nn import TRAINABLE
 from train import configuration, evaluation, steps, throughput
 from train import state as state_lib
 from train.checkpointing import FORMAT_VERSION, Checkpointer
@@ -130,6 +132,7 @@ class _Run:
         state_lib.check_tokenizer(self.tokenizer, model)
         self.data = build_data(config, self.tokenizer, getattr(model.cfg, "decoder_start_token_id", 0),
                                workdir=workdir)
+        state_lib.check_lr_multipliers(config, nnx.state(model, TRAINABLE))
         self.tx, self.schedule = state_lib.make_optimizer(config)
         self.state = state_lib.create_train_state(model, self.tx, self.mesh)
         del model

@@ -80,10 +80,12 @@ def adamw_torch(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     mask: Any = None,
+    lr_scale: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """``torch.optim.AdamW`` with per-leaf step counts; leaves marked inactive are not stepped at all.
 
-    Per active leaf with step count ``n`` (after this step) and learning rate ``lr = learning_rate(count)``::
+    Per active leaf with step count ``n`` (after this step) and learning rate ``lr = learning_rate(count) * s``
+    (``s`` the leaf's ``lr_scale``, 1 by default: PyTorch's parameter groups with their own ``lr``)::
 
         p <- p * (1 - lr * wd)          (wd = weight_decay where ``mask`` is True, else 0)
         m <- b1 * m + (1 - b1) * g
@@ -98,6 +100,8 @@ def adamw_torch(
         ``learning_rate(0)``).
       mask: a tree of booleans like the parameters (or a callable of the parameters returning one): weight
         decay where True.
+      lr_scale: a tree of floats like the parameters (or a callable of the parameters returning one): each
+        leaf's learning-rate multiplier; None = 1 everywhere.
     Extra args of ``update``:
       active: a tree of booleans like the parameters (per-leaf ``()``, per-stack ``(n,)``), or None (all).
     """
@@ -121,15 +125,18 @@ def adamw_torch(
             decay = jax.tree.map(lambda _: True, params)
         if active is None:
             active = jax.tree.map(lambda c: jnp.ones(c.shape, bool), state.counts)
+        scale = lr_scale(params) if callable(lr_scale) else lr_scale
+        if scale is None:
+            scale = jax.tree.map(lambda _: 1.0, params)
 
         hp = jnp.result_type(float)  # the scalars' dtype: float64 with jax_enable_x64 (PyTorch: Python floats)
 
-        def leaf(g, p, m, v, n, on, wd_on):
+        def leaf(g, p, m, v, n, on, wd_on, sc):
             dt = p.dtype
             on_b = _bcast(on, p)
             n_new = n + on.astype(n.dtype)
             nb = _bcast(jnp.maximum(n_new, 1), p).astype(hp)
-            lr_ = jnp.asarray(lr, hp)
+            lr_ = jnp.asarray(lr, hp) * sc if sc != 1.0 else jnp.asarray(lr, hp)
             g = g.astype(dt)
             m_new = b1 * m + (1 - b1) * g
             v_new = b2 * v + (1 - b2) * g * g
@@ -147,7 +154,8 @@ def adamw_torch(
         treedef = jax.tree.structure(params)
         flat = [treedef.flatten_up_to(t) for t in (updates, params, state.mu, state.nu, state.counts, active)]
         flat_decay = treedef.flatten_up_to(decay)
-        out = [leaf(*xs, wd) for *xs, wd in zip(*flat, flat_decay, strict=True)]
+        flat_scale = [float(x) for x in treedef.flatten_up_to(scale)]
+        out = [leaf(*xs, wd, sc) for *xs, wd, sc in zip(*flat, flat_decay, flat_scale, strict=True)]
         new_updates, mu, nu, counts = (jax.tree.unflatten(treedef, [o[i] for o in out]) for i in range(4))
         return new_updates, AdamWTorchState(count=optax.safe_increment(state.count), counts=counts, mu=mu, nu=nu)
 

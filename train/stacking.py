@@ -15,7 +15,8 @@ array per group (SmolLM2: 20 groups), and the step runs the optimizer on the sta
   :class:`~train.state.TrainState`, checkpoints and evaluation keep the per-leaf layout.
 
 Only transformations that act on each element independently apart from reductions over the whole tree (AdamW,
-global-norm clipping, masks that depend on a leaf's shape only) give the same result on stacks; the training step
+global-norm clipping, masks that depend on a leaf's shape or parameter name only: leaves are grouped by name too)
+give the same result on stacks; the training step
 stacks only for a :class:`StackableTransformation` (what ``train.state.make_optimizer`` returns).
 """
 
@@ -38,7 +39,8 @@ class StackableTransformation(optax.GradientTransformationExtraArgs):
     """An optax transformation whose update is the same on leaves stacked by shape as on the leaves.
 
     That holds for element-wise updates with reductions over the whole tree only (AdamW, ``clip_by_global_norm``)
-    and for masks computed from a leaf's shape (``train.state.decay_mask`` understands :class:`LeafStack`).
+    and for masks computed from a leaf's shape or name (``train.state.decay_mask``, ``train.state.lr_scales``
+    understand :class:`LeafStack`).
     Wrapping a transformation asserts it; ``train.steps.make_train_step`` stacks leaves only for these.
     """
 
@@ -58,22 +60,29 @@ class StackLayout:
       groups: per group, the indices (in ``jax.tree.leaves`` order) of its leaves.
       shapes: per group, the shape of each of its leaves.
       n_leaves: the number of leaves of the tree.
+      names: per group, the parameter name its leaves share (:func:`leaf_names`), or None when the layout was
+        built without names.
     """
 
     groups: tuple[tuple[int, ...], ...]
     shapes: tuple[tuple[int, ...], ...]
     n_leaves: int
+    names: tuple[str | None, ...] | None = None
 
     @classmethod
-    def of(cls, leaves: Sequence[Any], shardings: Sequence[Any] | None = None) -> StackLayout:
-        """Groups ``leaves`` (arrays or ``ShapeDtypeStruct`` s) by shape, dtype and sharding spec."""
+    def of(cls, leaves: Sequence[Any], shardings: Sequence[Any] | None = None,
+           names: Sequence[str] | None = None) -> StackLayout:
+        """Groups ``leaves`` (arrays or ``ShapeDtypeStruct`` s) by shape, dtype, sharding spec and, when
+        ``names`` (one per leaf) are given, parameter name (so that a rule by name, e.g. a learning-rate
+        multiplier, applies to whole groups)."""
         keys: dict[Any, list[int]] = {}
         for i, x in enumerate(leaves):
             spec = _spec_key(shardings[i], x.ndim) if shardings is not None else None
-            keys.setdefault((tuple(x.shape), np.dtype(x.dtype).str, spec), []).append(i)
+            name = names[i] if names is not None else None
+            keys.setdefault((tuple(x.shape), np.dtype(x.dtype).str, spec, name), []).append(i)
         groups = tuple(tuple(v) for v in keys.values())
         shapes = tuple(k[0] for k in keys)
-        return cls(groups, shapes, len(leaves))
+        return cls(groups, shapes, len(leaves), None if names is None else tuple(k[3] for k in keys))
 
     def stack(self, leaves: Sequence[Any]) -> LeafStack:
         """One array per group, ``(n_group, *shape)``."""
@@ -106,6 +115,16 @@ class StackLayout:
     def map_shapes(self, fn: Callable[[tuple[int, ...]], Any]) -> LeafStack:
         """A :class:`LeafStack` holding ``fn(leaf shape)`` per group (e.g. a weight-decay mask)."""
         return LeafStack(tuple(fn(s) for s in self.shapes), self)
+
+    def map_names(self, fn: Callable[[str], Any]) -> LeafStack:
+        """A :class:`LeafStack` holding ``fn(parameter name)`` per group (e.g. a learning-rate multiplier).
+
+        Raises:
+          ValueError: the layout was built without names.
+        """
+        if self.names is None:
+            raise ValueError("this stack layout was built without parameter names (StackLayout.of(..., names=))")
+        return LeafStack(tuple(fn(n) for n in self.names), self)
 
     def shardings(self, leaf_shardings: Sequence[NamedSharding]) -> LeafStack:
         """Each group's sharding: its leaves' spec behind an unsharded stack axis."""
@@ -169,7 +188,7 @@ class Stacking:
         self.leaf_opt_def = jax.tree.structure(opt_state)
         self.tr_leaf_shardings = jax.tree.leaves(tr_shardings)
         self.opt_leaf_shardings = jax.tree.leaves(opt_shardings)
-        self.layout = StackLayout.of(jax.tree.leaves(trainable), self.tr_leaf_shardings)
+        self.layout = StackLayout.of(jax.tree.leaves(trainable), self.tr_leaf_shardings, leaf_names(trainable))
         abstract = jax.eval_shape(self._stack_trees, trainable, opt_state)
         self.tr_def = jax.tree.structure(abstract[0])
         self.opt_def = jax.tree.structure(abstract[1])
@@ -218,6 +237,22 @@ class Stacking:
         if jax.tree.structure(opt) != self.leaf_opt_def:
             raise ValueError("Stacking.unstack: the optimizer state did not return to its per-leaf structure")
         return trainable, opt
+
+
+def leaf_name(path) -> str:
+    """A leaf's parameter name: the last named key of its path (``...['adapter']['kernels'][3].value`` ->
+    ``"kernels"``; indices and ``.value`` are skipped)."""
+    for key in reversed(path):
+        if isinstance(key, jax.tree_util.DictKey) and isinstance(key.key, str):
+            return key.key
+        if isinstance(key, jax.tree_util.GetAttrKey) and key.name != "value":
+            return key.name
+    return ""
+
+
+def leaf_names(tree) -> list[str]:
+    """:func:`leaf_name` of every leaf of ``tree``, in ``jax.tree.leaves`` order."""
+    return [leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _replicated(sharding):

@@ -8,6 +8,7 @@ The model is split once: ``graphdef, trainable, frozen = nnx.split(model, TRAINA
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -20,7 +21,7 @@ from ept_jax import layer_scan
 from ept_jax import sharding as sharding_lib
 from ept_jax.nn import TRAINABLE
 from train.errors import UserError
-from train.stacking import LeafStack, stackable
+from train.stacking import LeafStack, leaf_name, leaf_names, stackable
 
 
 def is_variable(x) -> bool:
@@ -162,12 +163,56 @@ def decay_mask(params):
                         else x.ndim >= 2, params, is_leaf=lambda x: isinstance(x, LeafStack))
 
 
+def parse_lr_multipliers(text: str) -> dict[str, float]:
+    """``"kernels=10 A=0.5"`` -> ``{"kernels": 10.0, "A": 0.5}`` (``train.lr_multipliers``).
+
+    Raises:
+      UserError: an item is not ``NAME=POSITIVE_NUMBER``.
+    """
+    out = {}
+    for item in str(text or "").replace(",", " ").split():
+        name, sep, value = item.partition("=")
+        try:
+            factor = float(value)
+        except ValueError:
+            factor = float("nan")
+        if not sep or not name or not factor > 0:
+            raise UserError(f"train.lr_multipliers: {item!r} is not NAME=FACTOR with a factor > 0 "
+                            "(e.g. 'kernels=10': the parameters named kernels at 10x the learning rate)")
+        out[name] = factor
+    return out
+
+
+def lr_scales(params, multipliers: dict[str, float]):
+    """Each leaf's learning-rate multiplier: ``multipliers[name]`` for a leaf of that parameter name
+    (:func:`train.stacking.leaf_name`), else 1. On leaves stacked by shape and name (:class:`LeafStack`) the rule
+    reads each group's name."""
+
+    def of_stack(x):
+        return x.layout.map_names(lambda n: multipliers.get(n, 1.0))
+
+    if any(isinstance(x, LeafStack) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, LeafStack))):
+        return jax.tree.map(lambda x: of_stack(x) if isinstance(x, LeafStack) else 1.0, params,
+                            is_leaf=lambda x: isinstance(x, LeafStack))
+    return jax.tree_util.tree_map_with_path(lambda p, _: multipliers.get(leaf_name(p), 1.0), params)
+
+
+def check_lr_multipliers(config, trainable) -> None:
+    """Raises :class:`UserError` when ``train.lr_multipliers`` names a parameter the adapters do not have."""
+    names = set(leaf_names(trainable))
+    unknown = sorted(set(parse_lr_multipliers(config.train.get("lr_multipliers", ""))) - names)
+    if unknown:
+        raise UserError(f"train.lr_multipliers names {unknown}, which no trainable parameter of "
+                        f"adapter.kind={config.adapter.kind!r} is called; its parameters: {sorted(names)}")
+
+
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """One optax chain, the release's (PyTorch's): global-norm clipping ``g * min(1, clip / (norm + 1e-6))``,
     then AdamW with per-leaf step counts (:func:`train.optim.adamw_torch`) on :func:`learning_rate_schedule`.
 
     ``train.grad_clip`` (0: none), ``train.learning_rate`` / ``warmup_steps`` / ``steps``, ``train.weight_decay``
-    (matrices only, :func:`decay_mask`), ``train.adam_b1`` / ``adam_b2`` / ``adam_eps``. Whether expert kernels
+    (matrices only, :func:`decay_mask`), ``train.adam_b1`` / ``adam_b2`` / ``adam_eps``, ``train.lr_multipliers``
+    (per parameter name, e.g. ``"kernels=10"``: :func:`lr_scales`). Whether expert kernels
     that no route chose are stepped is the training step's business (``train.unrouted_experts``,
     :func:`step_options`). Marked :class:`train.stacking.StackableTransformation`: the training step runs it on
     the adapter leaves stacked by shape (the same update, far fewer XLA kernels to compile).
@@ -179,9 +224,11 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
     parts = []
     if float(t.grad_clip) > 0:
         parts.append(clip_by_global_norm_torch(float(t.grad_clip)))
+    multipliers = parse_lr_multipliers(t.get("lr_multipliers", ""))
     parts.append(adamw_torch(schedule, b1=float(t.get("adam_b1", 0.9)), b2=float(t.get("adam_b2", 0.999)),
                              eps=float(t.get("adam_eps", 1e-8)), weight_decay=float(t.weight_decay),
-                             mask=decay_mask))
+                             mask=decay_mask,
+                             lr_scale=functools.partial(lr_scales, multipliers=multipliers) if multipliers else None))
     return stackable(optax.chain(*parts)), schedule
 
 

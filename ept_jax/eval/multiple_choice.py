@@ -273,16 +273,19 @@ def score(model, tokenizer, examples: Sequence[ChoiceExample], *, batch_size: in
 
 
 def _bucket(n: int, smallest: int) -> int:
-    """The smallest power of two >= ``n`` and >= ``smallest``."""
-    return max(smallest, 1 << max(0, int(n) - 1).bit_length())
+    """The smallest size >= ``n`` and >= ``smallest`` of the form ``2^i`` or ``3 * 2^i`` (at most 1.5x the
+    previous one: few compiled shapes, at most a third of a row's tokens wasted on padding)."""
+    size = max(smallest, 1 << max(0, int(n) - 1).bit_length())
+    three = 3 * size // 4
+    return three if three >= max(n, smallest) else size
 
 
 def _score_decoder(graphdef, static, trainable, frozen, tokenizer, examples, batch_size, max_length, pad, pack):
     rows, lengths = _rows_decoder(tokenizer, examples, max_length, pack)
     fn = _jitted(graphdef, True)
     sums = dict.fromkeys(lengths, 0.0)
-    # rows sorted by length, each batch padded to a power of two >= 32 tokens and >= 8 scored slots: few shapes,
-    # hence few compilations (one per shape), and far less padding than max_length
+    # rows sorted by length, each batch padded to a bucket size (2^i or 3 * 2^i) >= 32 tokens and >= 8 scored
+    # slots: few shapes, hence few compilations (one per shape), and far less padding than max_length
     order = sorted(range(len(rows)), key=lambda r: (len(rows[r].inputs), len(rows[r].scored)))
     for start in range(0, len(rows), batch_size):
         chunk = [rows[r] for r in order[start:start + batch_size]]
