@@ -26,13 +26,23 @@ PUBLISHED = {
 }
 
 
-def smollm2_compare() -> str:
+def _compare_table(name: str) -> str:
     import ml_collections
 
     from train.compare import format_table
 
-    data = json.loads((RESULTS / "smollm2_compare.json").read_text())
+    data = json.loads((RESULTS / name).read_text())
     return format_table(ml_collections.ConfigDict(data["config"]), data["runs"]).rstrip("\n")
+
+
+def smollm2_compare() -> str:
+    """The main job's table (``train.compare`` with configs/smollm2_commonsense_cpu.py; its compare.json)."""
+    return _compare_table("smollm2_compare.json")
+
+
+def smollm2_compare_release() -> str:
+    """The same model in the release's setting (configs/smollm2_commonsense_release.py, run on 2026-12-06)."""
+    return _compare_table("smollm2_compare_release.json")
 
 
 def smollm2_base_cloze() -> str:
@@ -65,10 +75,10 @@ def smollm2_grid() -> str:
 
 
 def smollm2_finalists() -> str:
-    """The grid's two finalists repeated over seeds (``train.sweep --tag finalists_2seeds``)."""
+    """The grid's two finalists repeated over seeds (``train.sweep --tag finalists_3seeds``)."""
     from train.sweep import table
 
-    data = json.loads((RESULTS / "smollm2_lr_init_grid" / "finalists_2seeds.json").read_text())
+    data = json.loads((RESULTS / "smollm2_lr_init_grid" / "finalists_3seeds.json").read_text())
     return table(data["summary"]).rstrip("\n")
 
 
@@ -86,7 +96,24 @@ def smollm2_grid_curves() -> str:
     return "\n".join(lines)
 
 
-BLOCKS = {"smollm2-compare": smollm2_compare, "smollm2-base-cloze": smollm2_base_cloze, "smollm2-grid": smollm2_grid,
+LATEST_BENCHMARKS = ("cpu-amd-epyc-2core_t5_small_heap_default.json", "cpu-amd-epyc-2core_t5_small_heap_tcmalloc.json",
+                     "cpu-amd-epyc-2core_smollm2_135m_heap_default.json",
+                     "cpu-amd-epyc-2core_smollm2_135m_heap_tcmalloc.json")
+
+
+def benchmark_summary() -> str:
+    """docs/benchmarks.md's summary rows of the latest runs (:data:`LATEST_BENCHMARKS`)."""
+    from benchmarks.table import SUMMARY_HEADER, summary_rows
+
+    lines = [SUMMARY_HEADER, "|" + "---|" * (SUMMARY_HEADER.count("|") - 1)]
+    for name in LATEST_BENCHMARKS:
+        lines += summary_rows(name, json.loads((REPO / "benchmarks" / "results" / name).read_text()))
+    return "\n".join(lines)
+
+
+BLOCKS = {"benchmark-summary": benchmark_summary, "smollm2-compare": smollm2_compare,
+          "smollm2-compare-release": smollm2_compare_release, "smollm2-base-cloze": smollm2_base_cloze,
+          "smollm2-grid": smollm2_grid,
           "smollm2-grid-curves": smollm2_grid_curves, "smollm2-finalists": smollm2_finalists}
 
 

