@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                 mc.score(model, tok, examples, batch_size=args.batch_size, max_length=args.max_length,
                          adapters=False, pack=pack)
                 times[pack].append(time.perf_counter() - t0)
-        packed_rows, _ = mc._rows_decoder(tok, examples, args.max_length, pack=True)
-        single_rows, _ = mc._rows_decoder(tok, examples, args.max_length, pack=False)
+        packed_rows, _ = mc.rows_decoder(tok, examples, args.max_length, pack=True)
+        single_rows, _ = mc.rows_decoder(tok, examples, args.max_length, pack=False)
         diff = max(float(np.max(np.abs(a - b))) for a, b in zip(scores[True].loglik, scores[False].loglik,
                                                                   strict=True))
         row = {"task": task, "examples": len(examples),

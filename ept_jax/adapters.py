@@ -143,7 +143,7 @@ def registered_kinds() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def _dtype(name: str):
+def dtype_of(name: str):
     try:
         dt = jnp.dtype(name)
     except TypeError as err:
@@ -188,13 +188,13 @@ def validate(cfg: AdapterConfig, d_in: int, d_out: int) -> None:
     dense_k = cfg.paper_dense_max_k
     if isinstance(dense_k, bool) or not isinstance(dense_k, int) or dense_k < 0:
         raise ValueError(f"paper_dense_max_k={dense_k!r}: must be an integer >= 0")
-    _dtype(cfg.param_dtype)
+    dtype_of(cfg.param_dtype)
     validator = _REGISTRY[cfg.kind][1]
     if validator is not None:
         validator(cfg, d_in, d_out)
 
 
-def _validate_ept(cfg: AdapterConfig, d_in: int, d_out: int) -> None:
+def validate_ept(cfg: AdapterConfig, d_in: int, d_out: int) -> None:
     if cfg.variant not in VARIANTS:
         raise ValueError(f"variant={cfg.variant!r}: accepted values are {VARIANTS}")
     ks = cfg.expert_kernel_sizes
@@ -286,7 +286,7 @@ def ab_init_spec(kind: str, shape: tuple[int, ...], r: int) -> tuple[str, float]
     return "uniform", 1.0 / math.sqrt(shape[-1])
 
 
-def _axes(axes: tuple[str | None, str | None] | None) -> tuple[str | None, str | None]:
+def adapter_axes(axes: tuple[str | None, str | None] | None) -> tuple[str | None, str | None]:
     """The base kernel's ``(input, output)`` logical axis names, or replicated when unknown."""
     if axes is None:
         return None, None
@@ -295,13 +295,13 @@ def _axes(axes: tuple[str | None, str | None] | None) -> tuple[str | None, str |
     return axes[0], axes[1]
 
 
-def _check_task(task, n_tasks: int) -> None:
+def check_task(task, n_tasks: int) -> None:
     """Range-checks a concrete task id (traced ids are left to the caller)."""
     if isinstance(task, (int, np.integer)) and not 0 <= int(task) < n_tasks:
         raise ValueError(f"task={task}: accepted 0 <= task < n_tasks={n_tasks}")
 
 
-def _check_input(x: Array, d_in: int, task_ids: Array | None) -> None:
+def check_input(x: Array, d_in: int, task_ids: Array | None) -> None:
     if x.ndim < 2 or x.shape[-1] != d_in:
         raise ValueError(f"adapter input of shape {x.shape}: expected (batch, ..., {d_in})")
     if task_ids is None:
@@ -320,7 +320,7 @@ def count_params(module: nnx.Module) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
-@register_adapter("ept", _validate_ept)
+@register_adapter("ept", validate_ept)
 class EPTAdapter(Adapter):
     """Expert Pyramid Tuning on one Linear ``d_in -> d_out`` (both variants; see :mod:`ept_jax.pyramid`).
 
@@ -360,8 +360,8 @@ class EPTAdapter(Adapter):
         ks = tuple(kernel_sizes if kernel_sizes is not None else cfg.expert_kernel_sizes)
         self.pyramid = pyramid.Pyramid(expansion or cfg.variant, d_in, d_out, ks, alp=cfg.alp)
         self.expert_scales = pyramid.expert_scales(self.pyramid) if cfg.dim_scaling else (1.0,) * len(ks)
-        dtype = _dtype(cfg.param_dtype)
-        in_ax, out_ax = _axes(axes)
+        dtype = dtype_of(cfg.param_dtype)
+        in_ax, out_ax = adapter_axes(axes)
         ab_init = cfg.init or ("default" if cfg.variant == "reference" else "gaussian")
         r, n = cfg.r, len(ks)
 
@@ -455,7 +455,7 @@ class EPTAdapter(Adapter):
         """
         if path not in FORWARD_PATHS:
             raise ValueError(f"path={path!r}: accepted values are {FORWARD_PATHS}")
-        _check_input(x, self.d_in, ctx.task_ids)
+        check_input(x, self.d_in, ctx.task_ids)
         x = dropout(x, self.cfg.dropout, ctx, self.cfg.dropout_impl)
         A, B, kernels = self._factors(x.dtype)
         w, idx = self.routing()
@@ -472,7 +472,7 @@ class EPTAdapter(Adapter):
 
     def merge(self, task: int | Array) -> Array:
         """Task ``task``'s scaled delta ``(d_out, d_in)`` (PyTorch layout) for zero-latency inference."""
-        _check_task(task, self.cfg.n_tasks)
+        check_task(task, self.cfg.n_tasks)
         A, B, kernels = self._factors()
         row = 0 if not self.routed else task
         return _mixture_delta(self.pyramid, A, B, kernels, self.row_weights()[row])
@@ -483,7 +483,7 @@ class EPTAdapter(Adapter):
         ``R = r * top_k`` (reference; ``r * n_experts`` without top-k), ``r * sum(k_e)`` over the routed experts
         (paper). The paper variant needs a concrete ``task``.
         """
-        _check_task(task, self.cfg.n_tasks)
+        check_task(task, self.cfg.n_tasks)
         A, B, kernels = self._factors()
         _, idx = self.routing()
         row = 0 if not self.routed else task

@@ -22,16 +22,16 @@ from ept_jax import pyramid
 from ept_jax.adapters import (
     AdapterConfig,
     EPTAdapter,
-    _axes,
-    _check_input,
-    _check_task,
-    _dtype,
-    _validate_ept,
     ab_init_spec,
+    adapter_axes,
+    check_input,
+    check_task,
     draw_params,
     dropout,
+    dtype_of,
     register_adapter,
     validate,
+    validate_ept,
 )
 from ept_jax.lowrank import lowrank
 from ept_jax.nn import Adapter, AdapterContext, AdapterParam, param
@@ -53,8 +53,8 @@ class LoRAAdapter(Adapter):
     def __init__(self, cfg: AdapterConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, axes=None):
         validate(cfg, d_in, d_out)
         self.cfg, self.d_in, self.d_out = cfg, d_in, d_out
-        dtype = _dtype(cfg.param_dtype)
-        in_ax, out_ax = _axes(axes)
+        dtype = dtype_of(cfg.param_dtype)
+        in_ax, out_ax = adapter_axes(axes)
         v = draw_params(rngs, {"A": ((cfg.r, d_in), *ab_init_spec(cfg.init or "default", (cfg.r, d_in), cfg.r))}, dtype)
         self.A = param(v["A"], ("lora_rank", in_ax), AdapterParam)
         self.B = param(jnp.zeros((d_out, cfg.r), dtype), (out_ax, "lora_rank"), AdapterParam)
@@ -69,16 +69,16 @@ class LoRAAdapter(Adapter):
 
     def merge(self, task: int | Array = 0) -> Array:
         """``(alpha / r) * B @ A`` ``(d_out, d_in)``, the same for every task."""
-        _check_task(task, self.cfg.n_tasks)
+        check_task(task, self.cfg.n_tasks)
         return self.cfg.scale * self.B[...] @ self.A[...]
 
     def to_lora(self, task: int | Array = 0) -> tuple[Array, Array]:
         """``(scale * B (d_out, r), A (r, d_in))``."""
-        _check_task(task, self.cfg.n_tasks)
+        check_task(task, self.cfg.n_tasks)
         return self.cfg.scale * self.B[...], self.A[...]
 
 
-def _validate_moelora(cfg: AdapterConfig, d_in: int, d_out: int) -> None:
+def validate_moelora(cfg: AdapterConfig, d_in: int, d_out: int) -> None:
     n = cfg.n_moe_experts
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n_moe_experts={n!r}: must be an integer >= 1")
@@ -89,7 +89,7 @@ def _validate_moelora(cfg: AdapterConfig, d_in: int, d_out: int) -> None:
         )
 
 
-@register_adapter("moelora", _validate_moelora)
+@register_adapter("moelora", validate_moelora)
 class MoELoRAAdapter(Adapter):
     """MOELoRA-style MoE-LoRA: ``n`` LoRA experts of rank ``r // n``, mixed per task by a dense softmax gate.
 
@@ -103,8 +103,8 @@ class MoELoRAAdapter(Adapter):
         validate(cfg, d_in, d_out)
         self.cfg, self.d_in, self.d_out = cfg, d_in, d_out
         n, re = cfg.n_moe_experts, cfg.r // cfg.n_moe_experts
-        dtype = _dtype(cfg.param_dtype)
-        in_ax, out_ax = _axes(axes)
+        dtype = dtype_of(cfg.param_dtype)
+        in_ax, out_ax = adapter_axes(axes)
         te = MOELORA_TASK_EMBEDDING_DIM
         # fan_in of each expert's A is d_in (as n separate nn.Linear(d_in, r // n) would have).
         v = draw_params(
@@ -130,7 +130,7 @@ class MoELoRAAdapter(Adapter):
 
     def __call__(self, x: Array, ctx: AdapterContext) -> Array:
         """``x (B, ..., d_in)`` -> ``(B, ..., d_out)`` routed by ``ctx.task_ids``; costs a rank-``r`` LoRA."""
-        _check_input(x, self.d_in, ctx.task_ids)
+        check_input(x, self.d_in, ctx.task_ids)
         x = dropout(x, self.cfg.dropout, ctx, self.cfg.dropout_impl)
         a, b = self.A[...].astype(x.dtype), self.B[...].astype(x.dtype)
         n, re, _ = a.shape
@@ -141,7 +141,7 @@ class MoELoRAAdapter(Adapter):
 
     def to_lora(self, task: int | Array) -> tuple[Array, Array]:
         """Exact rank-``r`` factors ``(B' (d_out, r), A' (r, d_in))``: experts concatenated, weights in ``B'``."""
-        _check_task(task, self.cfg.n_tasks)
+        check_task(task, self.cfg.n_tasks)
         a, b = self.A[...], self.B[...]
         n, re, _ = a.shape
         w = self._row_weights()[task]
@@ -150,7 +150,7 @@ class MoELoRAAdapter(Adapter):
 
     def merge(self, task: int | Array) -> Array:
         """Task ``task``'s scaled delta ``sum_i g_i B_i @ A_i`` ``(d_out, d_in)``."""
-        _check_task(task, self.cfg.n_tasks)
+        check_task(task, self.cfg.n_tasks)
         w = self._row_weights()[task]
         return jnp.einsum("n,noq,nqi->oi", w, self.B[...], self.A[...])
 
@@ -163,7 +163,7 @@ def dcft_kernel_size(cfg: AdapterConfig) -> int:
 
 def _validate_dcft(cfg: AdapterConfig, d_in: int, d_out: int) -> None:
     k = dcft_kernel_size(cfg)
-    _validate_ept(dataclasses.replace(cfg, variant="paper", expert_kernel_sizes=(k,), top_k=None), d_in, d_out)
+    validate_ept(dataclasses.replace(cfg, variant="paper", expert_kernel_sizes=(k,), top_k=None), d_in, d_out)
     if cfg.variant not in ("reference", "paper"):
         raise ValueError(f"variant={cfg.variant!r}: accepted values are ('reference', 'paper')")
 

@@ -60,17 +60,17 @@ from ept_jax import pyramid
 from ept_jax.adapters import (
     VARIANTS,
     AdapterConfig,
-    _axes,
-    _check_input,
-    _check_task,
-    _dtype,
     ab_init_spec,
+    adapter_axes,
+    check_input,
+    check_task,
     draw_params,
     dropout,
+    dtype_of,
     register_adapter,
     validate,
 )
-from ept_jax.baselines import MOELORA_TASK_EMBEDDING_DIM, MoELoRAAdapter, _validate_moelora
+from ept_jax.baselines import MOELORA_TASK_EMBEDDING_DIM, MoELoRAAdapter, validate_moelora
 from ept_jax.nn import Adapter, AdapterContext, AdapterParam, param
 
 Array = jax.Array
@@ -118,8 +118,8 @@ class MoREAdapter(Adapter):
     def __init__(self, cfg: AdapterConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, axes=None):
         validate(cfg, d_in, d_out)
         self.cfg, self.d_in, self.d_out = cfg, d_in, d_out
-        dtype = _dtype(cfg.param_dtype)
-        in_ax, out_ax = _axes(axes)
+        dtype = dtype_of(cfg.param_dtype)
+        in_ax, out_ax = adapter_axes(axes)
         n = MORE_N_EXPERTS
         v = draw_params(
             rngs,
@@ -182,7 +182,7 @@ class MoREAdapter(Adapter):
 
     def __call__(self, x: Array, ctx: AdapterContext) -> Array:
         """``x (B, ..., d_in)`` -> ``(B, ..., d_out)``, example ``b`` routed to task ``ctx.task_ids[b]``."""
-        _check_input(x, self.d_in, ctx.task_ids)
+        check_input(x, self.d_in, ctx.task_ids)
         x = dropout(x, self.cfg.dropout, ctx, self.cfg.dropout_impl)
         a, b = self.A[...].astype(x.dtype), self.B[...].astype(x.dtype)
         w = self.rank_weights().astype(x.dtype)[ctx.task_ids]  # (B, r)
@@ -191,7 +191,7 @@ class MoREAdapter(Adapter):
 
     def to_lora(self, task: int | Array) -> tuple[Array, Array]:
         """Exact rank-``r`` factors ``(B' (d_out, r), A (r, d_in))`` of ``merge(task)`` (weights in ``B'``)."""
-        _check_task(task, self.cfg.n_tasks)
+        check_task(task, self.cfg.n_tasks)
         return self.B[...] * self.rank_weights()[task][None, :], self.A[...]
 
     def merge(self, task: int | Array) -> Array:
@@ -218,7 +218,7 @@ class MOELoRARouter(nnx.Module):
 
     def __init__(self, cfg: AdapterConfig, *, rngs: nnx.Rngs):
         te, n = MOELORA_TASK_EMBEDDING_DIM, cfg.n_moe_experts
-        dtype = _dtype(cfg.param_dtype)
+        dtype = dtype_of(cfg.param_dtype)
         v = draw_params(
             rngs,
             {
@@ -235,7 +235,7 @@ class MOELoRARouter(nnx.Module):
         return pyramid.route(self.gate_w[...], None, self.task_embedding[...], None)[0][1:]
 
 
-@register_adapter("moelora_release", _validate_moelora)
+@register_adapter("moelora_release", validate_moelora)
 class MOELoRAReleaseAdapter(MoELoRAAdapter):
     """MOELoRA's ``mmoeloraS`` layer: ``E`` LoRA experts of rank ``r // E`` mixed by the shared router.
 
@@ -249,8 +249,8 @@ class MOELoRAReleaseAdapter(MoELoRAAdapter):
         validate(cfg, d_in, d_out)
         self.cfg, self.d_in, self.d_out = cfg, d_in, d_out
         n, re = cfg.n_moe_experts, cfg.r // cfg.n_moe_experts
-        dtype = _dtype(cfg.param_dtype)
-        in_ax, out_ax = _axes(axes)
+        dtype = dtype_of(cfg.param_dtype)
+        in_ax, out_ax = adapter_axes(axes)
         v = draw_params(rngs, {"A": ((n, re, d_in), "normal", 0.01)}, dtype)
         self.A = param(v["A"], ("experts", "lora_rank", in_ax), AdapterParam)
         self.B = param(jnp.zeros((n, d_out, re), dtype), ("experts", out_ax, "lora_rank"), AdapterParam)
@@ -322,8 +322,8 @@ class TREXAdapter(Adapter):
         validate(cfg, d_in, d_out)
         self.cfg, self.d_in, self.d_out = cfg, d_in, d_out
         r1, r2 = cfg.trex_r1, cfg.trex_r2
-        dtype = _dtype(cfg.param_dtype)
-        in_ax, out_ax = _axes(axes)
+        dtype = dtype_of(cfg.param_dtype)
+        in_ax, out_ax = adapter_axes(axes)
         v = draw_params(rngs, {"A": ((r1, d_in), *ab_init_spec(cfg.init or "default", (r1, d_in), r1))}, dtype)
         self.A = param(v["A"], ("lora_rank", in_ax), AdapterParam)
         self.B = param(jnp.zeros((d_out, r2), dtype), (out_ax, "lora_rank"), AdapterParam)

@@ -154,15 +154,15 @@ class Pyramid:
         return tuple((k, tuple(ids)) for k, ids in out.items())
 
 
-def _expert_seed(p: Pyramid, A, B, e: int) -> tuple[Array, Array]:
+def expert_seed(p: Pyramid, A, B, e: int) -> tuple[Array, Array]:
     """``(A_e (r, m), B_e (h, r))`` of expert ``e``: its ALP slice, or its own factors when ALP is off."""
     if p.alp:
         return alp_slice(A, B, p.kernel_sizes[e], p.d_in, p.d_out)
     return A[e], B[e]
 
 
-def _group_seed(p: Pyramid, A, B, members: tuple[int, ...]) -> tuple[Array, Array]:
-    return _expert_seed(p, A, B, members[0])
+def group_seed(p: Pyramid, A, B, members: tuple[int, ...]) -> tuple[Array, Array]:
+    return expert_seed(p, A, B, members[0])
 
 
 def expert_scales(p: Pyramid) -> tuple[float, ...]:
@@ -372,7 +372,7 @@ def paper_expert_factors(A_e: Array, B_e: Array, kernel: Array) -> tuple[Array, 
 
 def expert_delta(p: Pyramid, A, B, kernels: Sequence[Array], e: int, method: str = "explicit") -> Array:
     """Expert ``e``'s unscaled ``(d_out, d_in)`` delta; ``method`` is ``"explicit"`` or ``"conv"`` (definition)."""
-    a_e, b_e = _expert_seed(p, A, B, e)
+    a_e, b_e = expert_seed(p, A, B, e)
     if method not in ("explicit", "conv"):
         raise ValueError(f"method={method!r}: accepted values are 'explicit', 'conv'")
     if p.expansion == "reference":
@@ -387,7 +387,7 @@ def expert_deltas(p: Pyramid, A, B, kernels: Sequence[Array], method: str = "exp
     return jnp.stack([expert_delta(p, A, B, kernels, e, method) for e in range(p.n_experts)])
 
 
-def _effective_kernel(kernels: Sequence[Array], members: tuple[int, ...], w: Array) -> Array:
+def effective_kernel(kernels: Sequence[Array], members: tuple[int, ...], w: Array) -> Array:
     """``sum_{e in members} w[..., e] * kernels[e]``: ``w (..., n_experts)`` -> ``(..., *kernel_shape)``."""
     stacked = jnp.stack([kernels[e] for e in members])  # (g, a, b)
     return jnp.einsum("...g,gab->...ab", w[..., list(members)], stacked)
@@ -403,8 +403,8 @@ def mixture_delta(p: Pyramid, A, B, kernels: Sequence[Array], w: Array) -> Array
     """
     out = jnp.zeros((p.d_out, p.d_in), jnp.result_type(w, *kernels))
     for _, members in p.groups:
-        a_g, b_g = _group_seed(p, A, B, members)
-        keff = _effective_kernel(kernels, members, w)
+        a_g, b_g = group_seed(p, A, B, members)
+        keff = effective_kernel(kernels, members, w)
         if p.expansion == "reference":
             out = out + reference_expert_delta(a_g, b_g, keff, p.d_in, p.d_out)
         else:
@@ -475,7 +475,7 @@ def lora_factors(
     """
     if p.expansion == "reference":
         factors = [
-            reference_expert_factors(*_expert_seed(p, A, B, e), kernels[e], p.d_in, p.d_out)
+            reference_expert_factors(*expert_seed(p, A, B, e), kernels[e], p.d_in, p.d_out)
             for e in range(p.n_experts)
         ]
         fbs, fas = [f[0] for f in factors], [f[1] for f in factors]
@@ -493,7 +493,7 @@ def lora_factors(
         ) from err
     fbs, fas = [], []
     for e in ids:
-        f_b, f_a = paper_expert_factors(*_expert_seed(p, A, B, e), kernels[e])
+        f_b, f_a = paper_expert_factors(*expert_seed(p, A, B, e), kernels[e])
         fbs.append(f_b * w[e])
         fas.append(f_a)
     return jnp.concatenate(fbs, axis=1), jnp.concatenate(fas, axis=0)

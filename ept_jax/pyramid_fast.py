@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ept_jax.lowrank import lowrank_both_per_example, lowrank_per_example, thin_matmul
-from ept_jax.pyramid import Pyramid, _effective_kernel, _expert_seed, _group_seed, reference_expert_factors
+from ept_jax.pyramid import Pyramid, effective_kernel, expert_seed, group_seed, reference_expert_factors
 
 Array = jax.Array
 
@@ -47,7 +47,7 @@ def _reference_banks(p: Pyramid, A, B, kernels: Sequence[Array], dtype) -> tuple
     """
     width = max(p.d_in // k for k in p.kernel_sizes)
     factors = [
-        reference_expert_factors(*_expert_seed(p, A, B, e), kernels[e], p.d_in, p.d_out) for e in range(p.n_experts)
+        reference_expert_factors(*expert_seed(p, A, B, e), kernels[e], p.d_in, p.d_out) for e in range(p.n_experts)
     ]
     a_bank = jnp.stack([f_a[:, :width] for _, f_a in factors])
     bank = jnp.stack([f_b.T for f_b, _ in factors])
@@ -138,8 +138,8 @@ def paper_dense_factors(p: Pyramid, A, B, kernels: Sequence[Array], weights: Arr
     """
     ps, qs = [], []
     for k, members in groups:
-        a_g, b_g = _group_seed(p, A, B, members)
-        keff = _effective_kernel(kernels, members, weights)  # (Bt, k, k)
+        a_g, b_g = group_seed(p, A, B, members)
+        keff = effective_kernel(kernels, members, weights)  # (Bt, k, k)
         ps.append(jnp.kron(a_g, jnp.eye(k, dtype=a_g.dtype)))
         qs.append(jnp.swapaxes(jax.vmap(jnp.kron, (None, 0))(b_g.astype(keff.dtype), keff), 1, 2))
     return jnp.concatenate(ps, 0).T.astype(weights.dtype), jnp.concatenate(qs, 1)
@@ -173,9 +173,9 @@ def paper_forward(
     else:
         y = jnp.zeros(x3.shape[:-1] + (p.d_out,), x.dtype)
     for k, members in transposed:
-        a_g, b_g = _group_seed(p, A, B, members)
+        a_g, b_g = group_seed(p, A, B, members)
         m = p.d_in // k
-        keff = _effective_kernel(kernels, members, weights).astype(x.dtype)
+        keff = effective_kernel(kernels, members, weights).astype(x.dtype)
         xt = jnp.swapaxes(x3.reshape(bt, -1, m, k), -1, -2)  # (B, S, k, m)
         u = thin_matmul(xt, a_g.T.astype(x.dtype))  # (B, S, k, r)
         v = jnp.einsum("bjl,bslq->bsjq", keff, u)

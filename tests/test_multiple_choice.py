@@ -83,7 +83,7 @@ def test_packed_rows_score_as_separate_rows(tok):
         mc.ChoiceExample("c ab", ("ab", "ab"), gold=0),              # one-token continuations: no token added
         mc.ChoiceExample("ab ab ab ab ab ab", ("c ab ab", "ab"), gold=1),  # too long to pack at max_length 8
     ]
-    rows, lengths = mc._rows_decoder(tok, examples, 8, pack=True)
+    rows, lengths = mc.rows_decoder(tok, examples, 8, pack=True)
     by_example = {}
     for r in rows:
         by_example.setdefault(r.scored[0][2], []).append(r)

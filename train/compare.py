@@ -250,15 +250,15 @@ def main(argv: list[str]) -> None:
 
     compile_cache.enable()
     try:
-        out = compare(main_lib._CONFIG.value, main_lib._WORKDIR.value, tuple(_METHODS.value),
-                      allow_config_change=main_lib._ALLOW_CHANGE.value)
+        out = compare(main_lib.CONFIG.value, main_lib.WORKDIR.value, tuple(_METHODS.value),
+                      allow_config_change=main_lib.ALLOW_CHANGE.value)
     except USER_ERRORS as e:
-        if main_lib._VERBOSE.value:
+        if main_lib.VERBOSE.value:
             raise
         main_lib.fail(one_line(e))
         return
     print(out["table"], end="")
-    print(f"written to {Path(main_lib._WORKDIR.value) / TABLE_FILE}")
+    print(f"written to {Path(main_lib.WORKDIR.value) / TABLE_FILE}")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def untrained_state(model: nnx.Module, mesh) -> state_lib.TrainState:
     their logical axes, as in training.
     """
     graphdef, trainable, frozen = nnx.split(model, TRAINABLE, ...)
-    tr_sh, fr_sh = state_lib._sharding_tree(trainable, mesh), state_lib._sharding_tree(frozen, mesh)
+    tr_sh, fr_sh = state_lib.sharding_tree(trainable, mesh), state_lib.sharding_tree(frozen, mesh)
     trainable, frozen = jax.device_put(trainable, tr_sh), jax.device_put(frozen, fr_sh)
     return state_lib.TrainState(graphdef, trainable, frozen, None, (tr_sh, None, fr_sh))
 

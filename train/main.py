@@ -22,10 +22,10 @@ from ml_collections import config_flags
 
 from train.errors import USER_ERRORS, one_line
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "directory of the run (created; reused to resume)")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "print full tracebacks on errors")
-_ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False,
+CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
+WORKDIR = flags.DEFINE_string("workdir", None, "directory of the run (created; reused to resume)")
+VERBOSE = flags.DEFINE_bool("verbose", False, "print full tracebacks on errors")
+ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False,
                                   "continue a run in --workdir although its saved config differs")
 flags.mark_flag_as_required("config")
 flags.mark_flag_as_required("workdir")
@@ -102,9 +102,9 @@ def main(argv: list[str]) -> None:
     compile_cache.enable()
 
     try:
-        summary = loop.run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
+        summary = loop.run(CONFIG.value, WORKDIR.value, allow_config_change=ALLOW_CHANGE.value)
     except USER_ERRORS as e:
-        if _VERBOSE.value:
+        if VERBOSE.value:
             raise
         fail(one_line(e))
         return
@@ -122,7 +122,7 @@ def main(argv: list[str]) -> None:
         line += f", test answer loss {summary['test_loss_mean']:.3f}"
     if summary.get("choices") is not None:
         line += f", acc_norm ({summary['choices']['format']}) {summary['choices']['mean']['acc_norm']:.2f}"
-    print(line + f"; see {_WORKDIR.value}")
+    print(line + f"; see {WORKDIR.value}")
 
 
 if __name__ == "__main__":

@@ -271,7 +271,7 @@ class TrainState:
         return nnx.merge(self.graphdef, self.trainable, self.frozen)
 
 
-def _sharding_tree(state: nnx.State, mesh: Mesh) -> nnx.State:
+def sharding_tree(state: nnx.State, mesh: Mesh) -> nnx.State:
     """Per-Variable NamedShardings kept inside their Variables, so the tree has ``state``'s exact structure."""
     flat = sharding_lib.state_shardings(state, mesh)
     return jax.tree.map(lambda v, s: v.replace(s), state, flat, is_leaf=is_variable)
@@ -302,7 +302,7 @@ def create_train_state(model: nnx.Module, tx, mesh: Mesh) -> TrainState:
     graphdef, trainable, frozen = nnx.split(model, TRAINABLE, ...)
     if not jax.tree.leaves(trainable):
         raise UserError("the model has no trainable parameters: adapter.kind='none' or no adapter target matched")
-    tr_sh, fr_sh = _sharding_tree(trainable, mesh), _sharding_tree(frozen, mesh)
+    tr_sh, fr_sh = sharding_tree(trainable, mesh), sharding_tree(frozen, mesh)
     trainable = jax.device_put(trainable, tr_sh)
     frozen = jax.device_put(frozen, fr_sh)
     abstract_opt = jax.eval_shape(tx.init, trainable)

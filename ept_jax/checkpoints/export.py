@@ -195,8 +195,8 @@ def merged_state_dict(model: nnx.Module, task: int, *, dtype: str = "float32") -
     tensors = {k: v.astype(out_dtype) for k, v in hf.export_from(model, rules, dtype=np.float64).items()}
     for path, lin in lins:
         ours = hf.path_str((*path, "base", "kernel"))
-        rule, groups = hf._match(rules, ours)
-        key = hf._fill(rule.hf_keys[0], groups)
+        rule, groups = hf.match_tensors(rules, ours)
+        key = hf.fill_key(rule.hf_keys[0], groups)
         delta = adapter_delta(lin.adapter, int(task))
         kernel = _numpy(lin.base.kernel[...])
         if delta.shape != kernel.T.shape:

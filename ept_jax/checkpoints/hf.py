@@ -232,7 +232,8 @@ def base_params(model: nnx.Module) -> dict[str, nnx.Variable]:
     return out
 
 
-def _match(rules: Sequence[Rule], ours: str) -> tuple[Rule, tuple[str, ...]]:
+def match_tensors(rules: Sequence[Rule], ours: str) -> tuple[Rule, tuple[str, ...]]:
+    """The first rule whose pattern matches our parameter path ``ours``, with the matched groups (layer numbers)."""
     for rule in rules:
         m = rule.regex().match(ours)
         if m:
@@ -240,7 +241,8 @@ def _match(rules: Sequence[Rule], ours: str) -> tuple[Rule, tuple[str, ...]]:
     raise CheckpointError(f"no mapping rule for parameter {ours!r} (a bug in the architecture's table)")
 
 
-def _fill(pattern: str, groups: Sequence[str]) -> str:
+def fill_key(pattern: str, groups: Sequence[str]) -> str:
+    """``pattern`` with each ``{i}`` replaced by the next of ``groups`` (a Hugging Face tensor name)."""
     it = iter(groups)
     return re.sub(r"\{i\}", lambda _: next(it), pattern)
 
@@ -273,8 +275,8 @@ def load_into(
     used: set[str] = set()
     missing, bad_shape, updates = [], [], {}
     for ours, var in params.items():
-        rule, groups = _match(rules, ours)
-        keys = [_fill(k, groups) for k in rule.hf_keys]
+        rule, groups = match_tensors(rules, ours)
+        keys = [fill_key(k, groups) for k in rule.hf_keys]
         key = next((k for k in keys if k in tensors), None)
         if key is None:
             missing.append(keys[0])
@@ -305,6 +307,7 @@ def export_from(model: nnx.Module, rules: Sequence[Rule], *, dtype=np.float32) -
     """The inverse of :func:`load_into`: ``{hf_name: array}`` of every frozen base parameter, PyTorch layout."""
     out = {}
     for ours, var in base_params(model).items():
-        rule, groups = _match(rules, ours)
-        out[_fill(rule.hf_keys[0], groups)] = np.asarray(rule.to_hf(np.asarray(jax.device_get(var[...]), dtype=dtype)))
+        rule, groups = match_tensors(rules, ours)
+        value = np.asarray(jax.device_get(var[...]), dtype=dtype)
+        out[fill_key(rule.hf_keys[0], groups)] = np.asarray(rule.to_hf(value))
     return out

@@ -17,7 +17,7 @@ choice's tokens plus EOS the decoder targets.
 Batched, jitted forward passes, each row's adapter routed by its task id as in training
 (``AdapterContext(task_ids=...)``), or merged weights run with adapters off. Decoder-only: the choices of an
 example share one row (the context once, each continuation in a segment that sees only the context and itself,
-:func:`_rows_decoder`), and the vocabulary projection runs only at the positions that predict a scored token.
+:func:`rows_decoder`), and the vocabulary projection runs only at the positions that predict a scored token.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ class _Row:
     scored: list[tuple[int, int, int, int]]
 
 
-def _rows_decoder(tokenizer, examples: Sequence[ChoiceExample], max_length: int, pack: bool = True):
+def rows_decoder(tokenizer, examples: Sequence[ChoiceExample], max_length: int, pack: bool = True):
     """The rows of every choice, and each choice's continuation length in tokens (``{(example, choice): n}``).
 
     An example whose choices share their context tokens (the usual case) is one packed row when it fits in
@@ -247,7 +247,7 @@ def score(model, tokenizer, examples: Sequence[ChoiceExample], *, batch_size: in
       frozen: base weights to use instead of the model's (e.g. ``train.steps.merged_frozen``'s, one task
         merged in); run them with ``adapters=False``.
       adapters: False runs the base weights alone (every adapted Linear as its base Linear).
-      pack: decoder-only: an example's choices share one row when they share its context (:func:`_rows_decoder`;
+      pack: decoder-only: an example's choices share one row when they share its context (:func:`rows_decoder`;
         the same scores, up to float rounding, for fewer tokens); False = one row per choice.
     Returns:
       :class:`ChoiceScores`.
@@ -281,7 +281,7 @@ def _bucket(n: int, smallest: int) -> int:
 
 
 def _score_decoder(graphdef, static, trainable, frozen, tokenizer, examples, batch_size, max_length, pad, pack):
-    rows, lengths = _rows_decoder(tokenizer, examples, max_length, pack)
+    rows, lengths = rows_decoder(tokenizer, examples, max_length, pack)
     fn = _jitted(graphdef, True)
     sums = dict.fromkeys(lengths, 0.0)
     # rows sorted by length, each batch padded to a bucket size (2^i or 3 * 2^i) >= 32 tokens and >= 8 scored

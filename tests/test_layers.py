@@ -1,0 +1,25 @@
+"""Code-structure checks that CI runs: no module uses another module's private name."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _checker():
+    spec = importlib.util.spec_from_file_location("check_private_imports", REPO / "scripts" / "check_private_imports.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_no_private_name_crosses_a_module(tmp_path):
+    mod = _checker()
+    assert mod.main([]) == 0
+    bad = tmp_path / "bad.py"
+    bad.write_text("from ept_jax.pyramid import _secret\nfrom train import main as m\nm._flag\nimport ept_jax\n")
+    found = mod.violations(bad)
+    assert any("imports ept_jax.pyramid._secret" in v for v in found)
+    assert any("uses train.main._flag" in v for v in found)
