@@ -148,20 +148,49 @@ class DistributedInfo:
     process_count: int
 
 
+def distributed_arguments(environ) -> dict[str, int]:
+    """``num_processes`` / ``process_id`` for ``jax.distributed.initialize`` from ``JAX_NUM_PROCESSES`` /
+    ``JAX_PROCESS_ID`` (``initialize()`` itself reads only ``JAX_COORDINATOR_ADDRESS`` and otherwise needs a cluster
+    it detects: Slurm, MPI, a TPU pod); ``{}`` when neither is set.
+
+    Raises:
+      ValueError: one without the other, a value that is not an integer, a process id outside ``[0, n)``, or no
+        ``JAX_COORDINATOR_ADDRESS`` to meet at.
+    """
+    n, pid = environ.get("JAX_NUM_PROCESSES"), environ.get("JAX_PROCESS_ID")
+    if n is None and pid is None:
+        return {}
+    if n is None or pid is None:
+        raise ValueError(f"JAX_NUM_PROCESSES={n!r} and JAX_PROCESS_ID={pid!r}: set both (or neither, on a cluster "
+                         "jax.distributed detects)")
+    try:
+        n_i, pid_i = int(n), int(pid)
+    except ValueError as e:
+        raise ValueError(f"JAX_NUM_PROCESSES={n!r} / JAX_PROCESS_ID={pid!r} must be integers") from e
+    if n_i < 1 or not 0 <= pid_i < n_i:
+        raise ValueError(f"JAX_PROCESS_ID={pid_i} is not in [0, JAX_NUM_PROCESSES={n_i})")
+    if n_i > 1 and not environ.get("JAX_COORDINATOR_ADDRESS"):
+        raise ValueError(f"JAX_NUM_PROCESSES={n_i} without JAX_COORDINATOR_ADDRESS (host:port of process 0)")
+    return {"num_processes": n_i, "process_id": pid_i}
+
+
 def maybe_initialize_distributed(enabled: bool | None = None) -> DistributedInfo:
-    """Calls ``jax.distributed.initialize()`` when launched as several processes.
+    """Calls ``jax.distributed.initialize()`` when launched as several processes (once per process).
 
     ``enabled=None`` detects a multi-process launch from the environment (``JAX_COORDINATOR_ADDRESS``,
-    ``JAX_NUM_PROCESSES``, SLURM, or a TPU pod); the same program then spans hosts unchanged.
+    ``JAX_NUM_PROCESSES``, SLURM, or a TPU pod); the same program then spans hosts unchanged. ``JAX_NUM_PROCESSES``
+    / ``JAX_PROCESS_ID`` are passed on (:func:`distributed_arguments`), so a plain launch of N processes on
+    machines without a cluster manager (e.g. localhost) works.
     """
     import os
 
+    kwargs = distributed_arguments(os.environ)
     if enabled is None:
         enabled = bool(
             os.environ.get("JAX_COORDINATOR_ADDRESS")
-            or int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1
-            or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+            or kwargs.get("num_processes", 1) > 1
+            or os.environ.get("SLURM_NTASKS", "1").strip() not in ("", "1")
         )
-    if enabled:
-        jax.distributed.initialize()
+    if enabled and not jax.distributed.is_initialized():
+        jax.distributed.initialize(**kwargs)
     return DistributedInfo(jax.process_index(), jax.process_count())

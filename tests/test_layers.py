@@ -9,7 +9,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _checker():
-    spec = importlib.util.spec_from_file_location("check_private_imports", REPO / "scripts" / "check_private_imports.py")
+    path = REPO / "scripts" / "check_private_imports.py"
+    spec = importlib.util.spec_from_file_location("check_private_imports", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
