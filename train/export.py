@@ -282,7 +282,10 @@ def restore_for_export(workdir: str | os.PathLike, step: int | None = None) -> R
             )
         model = state_lib.build_model(config)
         graphdef, trainable, frozen = nnx.split(model, TRAINABLE, ...)
-        target = ck.to_nested(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable))
+        # the target carries this process's shardings: a checkpoint written by another number of processes or
+        # devices restores onto these (Orbax would otherwise insist on the devices it was saved from)
+        target = ck.to_nested(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                           trainable))
         problems = ck.tree_mismatches("params", mgr.item_metadata(step)["params"], target)
         if problems:
             raise CheckpointMismatchError(

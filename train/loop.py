@@ -299,6 +299,7 @@ def run(config, workdir: str | os.PathLike, *, allow_config_change: bool = False
       UserError / ValueError / ...: bad config or input, named in the message (see ``train/errors.py``).
     """
     created = not Path(workdir).exists()
+    sharding_lib.maybe_initialize_distributed()  # before anything touches a JAX backend (jax.process_index too)
     # one workdir, one run (train/rundir.py); of a multi-process job, process 0 holds it for the job
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
     try:
