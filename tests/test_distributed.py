@@ -135,3 +135,42 @@ def test_launcher_prefixes_output_and_fails_fast(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "train.launch", "--processes", "0"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "--processes=0: must be >= 1" in bad.stderr
+
+
+def test_checkpoint_moves_between_process_counts(tmp_path):
+    """Stopped after its checkpoint at step 2 (``EPT_STOP_AFTER_STEP``), a run of 2 processes x 2 devices continues
+    in 1 process x 4 devices, and a run of 1 process continues in 2: both end with the losses of an uninterrupted
+    run (rtol 1e-6)."""
+    import json
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("XLA_FLAGS", None)
+    one_env = {**env, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
+
+    def two(workdir, extra=None):
+        return subprocess.run([sys.executable, "-m", "train.launch", "--processes", "2", "--cpu-devices", "2", "--",
+                               *RUN, f"--workdir={workdir}"], cwd=REPO, env={**env, **(extra or {})},
+                              capture_output=True, text=True, timeout=900)
+
+    def one(workdir, extra=None):
+        return subprocess.run([sys.executable, "-m", "train.main", *RUN, f"--workdir={workdir}"], cwd=REPO,
+                              env={**one_env, **(extra or {})}, capture_output=True, text=True, timeout=900)
+
+    def losses(d):
+        return [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+
+    stop = {"EPT_STOP_AFTER_STEP": "2"}
+    full = tmp_path / "full"
+    assert one(full).returncode == 0
+    a = tmp_path / "two_then_one"
+    first = two(a, stop)
+    assert first.returncode == 0 and "[p0] stopped after the checkpoint at step 2" in first.stdout, first.stdout[-3000:]
+    assert len(losses(a)) == 2
+    second = one(a)
+    assert second.returncode == 0, second.stderr[-3000:]
+    b = tmp_path / "one_then_two"
+    assert one(b, stop).returncode == 0 and len(losses(b)) == 2
+    resumed = two(b)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    for d in (a, b):
+        np.testing.assert_allclose(losses(d), losses(full), rtol=1e-6)
