@@ -174,3 +174,21 @@ def test_checkpoint_moves_between_process_counts(tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     for d in (a, b):
         np.testing.assert_allclose(losses(d), losses(full), rtol=1e-6)
+
+
+def test_a_process_with_another_config_is_refused_naming_the_keys(tmp_path):
+    """Process 1 launched with another learning rate: both processes exit 2 before training, process 1's error
+    names the key and both values, process 0's names process 1."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1",
+           "JAX_NUM_PROCESSES": "2", "JAX_COORDINATOR_ADDRESS": f"localhost:{_free_port()}"}
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([sys.executable, "-m", "train.main", *RUN, f"--workdir={tmp_path / 'run'}",
+                               *(["--config.train.learning_rate=0.5"] if i == 1 else [])], cwd=REPO,
+                              env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outs]
+    assert "process 1 runs another config than process 0 (train.learning_rate: process 0 0.01, this process 0.5)" \
+        in outs[1][1]
+    assert "process(es) [1] run another config than process 0" in outs[0][1]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -199,3 +199,37 @@ def reconcile(workdir: Path, config, *, allow_change: bool, write: bool) -> list
     if write:
         write_json_atomic(path, current)
     return diffs
+
+
+def check_same_across_processes(config) -> None:
+    """Of a multi-process job: every process runs process 0's config, else every process raises one line naming
+    the keys that differ (a process launched with other flags would otherwise train something else, or hang).
+
+    Raises:
+      ConfigMismatchError: this or another process's config differs from process 0's.
+    """
+    import jax
+    import numpy as np
+
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    mine = json.dumps(to_dict(config), sort_keys=True).encode()
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(mine))))
+    buf = np.frombuffer(mine, np.uint8) if jax.process_index() == 0 else np.zeros(n, np.uint8)
+    first = bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf)))
+    diffs = []
+    if first != mine:  # every key counts here, the mutable ones too (another train.steps would hang the job)
+        a, b = flatten(json.loads(first)), flatten(to_dict(config))
+        diffs = [f"{k}: process 0 {a.get(k, '<absent>')!r}, this process {b.get(k, '<absent>')!r}"
+                 for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")] or ["(format)"]
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(bool(diffs)))).ravel()
+    if diffs:
+        shown = "; ".join(diffs[:5]) + (f"; ... ({len(diffs)} in all)" if len(diffs) > 5 else "")
+        raise ConfigMismatchError(f"process {jax.process_index()} runs another config than process 0 ({shown}); "
+                                  "launch every process with the same command")
+    if flags.any():
+        bad = [i for i, f in enumerate(flags) if f]
+        raise ConfigMismatchError(f"process(es) {bad} run another config than process 0 (their error names the "
+                                  "keys); launch every process with the same command")

@@ -55,6 +55,7 @@ def run(config, workdir: str | Path, *, allow_config_change: bool = False, devic
     dist = sharding_lib.maybe_initialize_distributed()
     is_main = dist.process_index == 0
     configuration.validate(config)
+    configuration.check_same_across_processes(config)
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
     configuration.reconcile(workdir, config, allow_change=allow_config_change, write=False)

@@ -115,6 +115,7 @@ class _Run:
         dist = sharding_lib.maybe_initialize_distributed()
         self.is_main = dist.process_index == 0
         configuration.validate(config)
+        configuration.check_same_across_processes(config)
         if self.is_main:
             workdir.mkdir(parents=True, exist_ok=True)
         # Checked now, written only once everything is built: a refused command leaves the workdir untouched.
