@@ -158,7 +158,7 @@ def distributed_arguments(environ) -> dict[str, int]:
         ``JAX_COORDINATOR_ADDRESS`` to meet at.
     """
     n, pid = environ.get("JAX_NUM_PROCESSES"), environ.get("JAX_PROCESS_ID")
-    if n is None and pid is None:
+    if (n is None or n.strip() == "1") and pid is None:  # one process: nothing to meet
         return {}
     if n is None or pid is None:
         raise ValueError(f"JAX_NUM_PROCESSES={n!r} and JAX_PROCESS_ID={pid!r}: set both (or neither, on a cluster "

@@ -38,6 +38,23 @@ def fail(message: str) -> None:
     sys.exit(EXIT_USER_ERROR)
 
 
+EXIT_PEER_LOST = 3
+
+
+def peer_lost(error: BaseException) -> None:
+    """A collective of a multi-process job failed (another process died or was killed): one line, then exit at once
+    with :data:`EXIT_PEER_LOST`. ``os._exit`` skips the distributed runtime's shutdown, which would wait for the
+    dead process's heartbeat to time out (about a minute) and then abort with a stack dump; the committed
+    checkpoints are on disk, and the same launch command resumes from the last one."""
+    import os
+
+    first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    print(f"error: a collective of this multi-process job failed, another process is gone ({first}); the same "
+          "launch command resumes from the last checkpoint", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_PEER_LOST)
+
+
 def _flag_value(argv: list[str], name: str) -> str | None:
     for i, a in enumerate(argv):
         if a.startswith(f"--{name}="):
@@ -101,6 +118,8 @@ def main(argv: list[str]) -> None:
 
     compile_cache.enable()
 
+    import jax
+
     try:
         summary = loop.run(CONFIG.value, WORKDIR.value, allow_config_change=ALLOW_CHANGE.value)
     except USER_ERRORS as e:
@@ -108,6 +127,10 @@ def main(argv: list[str]) -> None:
             raise
         fail(one_line(e))
         return
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1 or VERBOSE.value:
+            raise
+        peer_lost(e)
     if summary.get("stopped"):
         print(f"stopped after the checkpoint at step {summary['step']}; run the same command to continue")
         return
