@@ -7,6 +7,12 @@ checkpoint of another model, a non-finite loss). :data:`USER_ERRORS` lists every
 
 from __future__ import annotations
 
+# Exit statuses of the programs (train.main, train.export, train.report, train.score, train.sweep, train.launch,
+# train.inspect): 0 done; 1 an unexpected error (a traceback); EXIT_USER_ERROR a refused command or input (one line
+# on stderr); EXIT_PEER_LOST a multi-process job lost another process (one line; the same command resumes).
+EXIT_USER_ERROR = 2
+EXIT_PEER_LOST = 3
+
 
 class UserError(Exception):
     """A problem with the command, the config or the files given to the program; its message says what."""

@@ -28,7 +28,7 @@ from typing import Any
 
 import jax
 
-EXIT_USER_ERROR = 2
+from train.errors import EXIT_USER_ERROR
 
 
 class _Parser(argparse.ArgumentParser):

@@ -14,6 +14,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ept_jax.inspection import parameter_summary
+from train.errors import EXIT_USER_ERROR
 
 _CONFIG = _JSON = _VERBOSE = None  # absl flag holders, defined by _define_flags() when run as a program
 
@@ -70,7 +71,7 @@ def main(argv):
         if _VERBOSE.value:
             raise
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
     print(json.dumps(s) if _JSON.value else format_summary(s))
 
 

@@ -20,6 +20,8 @@ import sys
 import threading
 import time
 
+from train.errors import EXIT_USER_ERROR
+
 
 def free_port() -> int:
     """A TCP port free on localhost now."""
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                       grace=args.grace)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from train.errors import USER_ERRORS, one_line
+from train.errors import EXIT_PEER_LOST, EXIT_USER_ERROR, USER_ERRORS, one_line
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
 WORKDIR = flags.DEFINE_string("workdir", None, "directory of the run (created; reused to resume)")
@@ -30,7 +30,6 @@ ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False,
 flags.mark_flag_as_required("config")
 flags.mark_flag_as_required("workdir")
 
-EXIT_USER_ERROR = 2
 
 
 def fail(message: str) -> None:
@@ -38,7 +37,6 @@ def fail(message: str) -> None:
     sys.exit(EXIT_USER_ERROR)
 
 
-EXIT_PEER_LOST = 3
 
 
 def peer_lost(error: BaseException) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 from absl import app, flags
 
-from train.errors import USER_ERRORS, UserError, one_line
+from train.errors import EXIT_USER_ERROR, USER_ERRORS, UserError, one_line
 
 _WORKDIR = _OUT = _VERBOSE = None  # absl flag holders, defined by _define_flags() when run as a program
 
@@ -48,7 +48,6 @@ def _define_flags() -> None:
     _OUT = flags.DEFINE_string("out", None, "output directory (default: WORKDIR/report)")
     _VERBOSE = flags.DEFINE_bool("verbose", False, "print full tracebacks on errors")
 
-EXIT_USER_ERROR = 2
 REPORT_DIR = "report"
 SUMMARY_FILE = "summary.json"
 PLOTS = {"training": "training.png", "eval": "eval.png", "routing": "routing.png",

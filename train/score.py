@@ -22,7 +22,7 @@ from typing import Any
 
 from ept_jax.eval import choice_formats
 from ept_jax.eval import multiple_choice as mc
-from train.errors import USER_ERRORS, one_line
+from train.errors import EXIT_USER_ERROR, USER_ERRORS, one_line
 
 TASK_NAMES = {"boolq": "BoolQ", "openbookqa": "OBQA", "arc_e": "ARC-E", "arc_c": "ARC-C", "piqa": "PIQA"}
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                              max_length=args.max_length)
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     result.update({"model": what, "format": args.format, "protocol": str(config.data.eval_protocol),
                    "seconds": round(time.time() - t0, 1)})
     if args.out:

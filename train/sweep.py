@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from train.errors import USER_ERRORS, one_line
+from train.errors import EXIT_USER_ERROR, USER_ERRORS, one_line
 
 
 def parse_assignments(text: str) -> dict[str, Any]:
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 logging.info("sweep: %s seed %d: held-out loss %s", name, seed, c["eval_loss"][-1:])
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     summary = summarise(points)
     out.mkdir(parents=True, exist_ok=True)
     names = (f"{args.tag}.json", f"{args.tag}.md", f"{args.tag}.png") if args.tag else \
