@@ -8,17 +8,12 @@ import pytest
 from configs import smoke
 from train import compare, configuration
 from train.errors import UserError
+from train.sweep import apply
 
 
 def _config(**values):
     c = smoke.get_config()
-    with c.unlocked():
-        for key, value in values.items():
-            node = c
-            *path, last = key.split(".")
-            for part in path:
-                node = node[part]
-            node[last] = value
+    apply(c, values)
     return c
 
 

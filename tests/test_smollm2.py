@@ -37,6 +37,7 @@ if MISSING:
 from ept_jax.checkpoints import gguf as G  # noqa: E402
 from ept_jax.data import collate_decoder_only, encode_decoder_only, load_commonsense_task  # noqa: E402
 from train import compare, logger  # noqa: E402
+from train.sweep import apply  # noqa: E402
 
 
 def _config(path=CONFIG, **overrides):
@@ -44,12 +45,7 @@ def _config(path=CONFIG, **overrides):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
+    apply(c, overrides)  # train.sweep's: an existing key only
     return c
 
 
