@@ -189,3 +189,15 @@ def test_errors_are_one_line_with_exit_code_2(run, tmp_path, cache_dir):
     shutil.copy(workdir / "metrics.jsonl", no_ckpt)
     _one_line_error(report(["--workdir", no_ckpt], cache_dir), "no checkpoint")
     assert sorted(p.name for p in no_ckpt.iterdir()) == ["config.json", "metrics.jsonl"]  # nothing created
+
+
+def test_eval_plot_of_a_run_evaluated_by_held_out_loss_alone(tmp_path):
+    """``eval.generation=False`` runs log ``eval_loss`` but no ``eval``: the evaluation plot shows the losses."""
+    from train import report
+
+    records = [{"step": 8, "loss": 2.0}, {"step": 16, "loss": 1.0, "eval_loss": {"arc_e": 3.1, "arc_c": 3.4},
+                                           "eval_loss_mean": 3.25},
+               {"step": 32, "loss": 0.9, "eval_loss": {"arc_e": 2.9, "arc_c": 3.2}, "eval_loss_mean": 3.05}]
+    assert report.plot_eval(records, ["arc_e", "arc_c"], tmp_path / "eval.png")
+    assert (tmp_path / "eval.png").stat().st_size > 1000
+    assert not report.plot_eval([{"step": 8, "loss": 2.0}], ["arc_e"], tmp_path / "none.png")

@@ -260,11 +260,34 @@ def plot_training(records: list[dict], path: Path) -> bool:
     return True
 
 
-def plot_eval(records: list[dict], tasks, path: Path) -> bool:
-    """Each evaluation set's main metric and the mean score vs step; False without ``eval`` records."""
-    evals = [r for r in records if isinstance(r.get("eval"), dict) and r["eval"]]
+def plot_eval_loss(records: list[dict], path: Path) -> bool:
+    """Each evaluation set's held-out answer loss and their mean vs step (runs evaluated without generation,
+    ``eval.generation=False``); False without ``eval_loss`` records."""
+    evals = [r for r in records if isinstance(r.get("eval_loss"), dict) and r["eval_loss"]]
     if not evals:
         return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name in dict.fromkeys(name for r in evals for name in r["eval_loss"]):
+        points = [(r["step"], r["eval_loss"][name]) for r in evals if name in r["eval_loss"]]
+        ax.plot([s for s, _ in points], [v for _, v in points], "o-", label=name)
+    means = [(r["step"], r["eval_loss_mean"]) for r in evals if r.get("eval_loss_mean") is not None]
+    if means:
+        ax.plot([s for s, _ in means], [m for _, m in means], "k--", label="mean")
+    ax.set(xlabel="step", ylabel="held-out answer loss (token NLL)", title="evaluation")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_eval(records: list[dict], tasks, path: Path) -> bool:
+    """Each evaluation set's main metric and the mean score vs step, or, for a run evaluated by held-out loss
+    alone, :func:`plot_eval_loss`; False without evaluation records."""
+    evals = [r for r in records if isinstance(r.get("eval"), dict) and r["eval"]]
+    if not evals:
+        return plot_eval_loss(records, path)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     names = list(dict.fromkeys(name for r in evals for name in r["eval"]))
