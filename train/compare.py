@@ -39,10 +39,10 @@ from absl import app, flags
 
 from train import main as main_lib  # defines --config, --workdir, --verbose, --allow_config_change
 from train.errors import USER_ERRORS, UserError, one_line
+from train.score import TASK_NAMES
 
 METHODS = ("base", "ept", "lora")
 _METHODS = flags.DEFINE_list("methods", list(METHODS), f"which of {', '.join(METHODS)} to run, in that order")
-TASK_NAMES = {"boolq": "BoolQ", "openbookqa": "OBQA", "arc_e": "ARC-E", "arc_c": "ARC-C", "piqa": "PIQA"}
 TABLE_FILE, SUMMARY_FILE, PLOT_FILE = "table.md", "compare.json", "heldout_loss.png"
 
 

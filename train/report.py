@@ -260,50 +260,42 @@ def plot_training(records: list[dict], path: Path) -> bool:
     return True
 
 
-def plot_eval_loss(records: list[dict], path: Path) -> bool:
-    """Each evaluation set's held-out answer loss and their mean vs step (runs evaluated without generation,
-    ``eval.generation=False``); False without ``eval_loss`` records."""
-    evals = [r for r in records if isinstance(r.get("eval_loss"), dict) and r["eval_loss"]]
-    if not evals:
-        return False
+def _series_plot(series: dict[str, list[tuple[int, float]]], mean: list[tuple[int, float]], mean_label: str,
+                 ylabel: str, path: Path) -> None:
+    """One line per evaluation set and a dashed mean, vs step, saved to ``path``."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name in dict.fromkeys(name for r in evals for name in r["eval_loss"]):
-        points = [(r["step"], r["eval_loss"][name]) for r in evals if name in r["eval_loss"]]
-        ax.plot([s for s, _ in points], [v for _, v in points], "o-", label=name)
-    means = [(r["step"], r["eval_loss_mean"]) for r in evals if r.get("eval_loss_mean") is not None]
-    if means:
-        ax.plot([s for s, _ in means], [m for _, m in means], "k--", label="mean")
-    ax.set(xlabel="step", ylabel="held-out answer loss (token NLL)", title="evaluation")
+    for label, points in series.items():
+        ax.plot([s for s, _ in points], [v for _, v in points], "o-", label=label)
+    if mean:
+        ax.plot([s for s, _ in mean], [m for _, m in mean], "k--", label=mean_label)
+    ax.set(xlabel="step", ylabel=ylabel, title="evaluation")
     ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return True
 
 
 def plot_eval(records: list[dict], tasks, path: Path) -> bool:
-    """Each evaluation set's main metric and the mean score vs step, or, for a run evaluated by held-out loss
-    alone, :func:`plot_eval_loss`; False without evaluation records."""
+    """Each evaluation set's main metric and the mean score vs step; for a run evaluated by held-out loss alone
+    (``eval.generation=False``), each set's held-out answer loss and their mean. False without evaluations."""
     evals = [r for r in records if isinstance(r.get("eval"), dict) and r["eval"]]
+    if evals:
+        series = {}
+        for name in dict.fromkeys(name for r in evals for name in r["eval"]):
+            points = [(r["step"], r["eval"][name]) for r in evals if name in r["eval"] and r["eval"][name]]
+            metric = main_metric(name, points[0][1], tasks)
+            series[f"{name} ({metric})"] = [(st, m.get(metric, math.nan)) for st, m in points]
+        means = [(r["step"], r["eval_mean"]) for r in evals if r.get("eval_mean") is not None]
+        _series_plot(series, means, "mean score", "score (%)", path)
+        return True
+    evals = [r for r in records if isinstance(r.get("eval_loss"), dict) and r["eval_loss"]]
     if not evals:
-        return plot_eval_loss(records, path)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    names = list(dict.fromkeys(name for r in evals for name in r["eval"]))
-    for name in names:
-        points = [(r["step"], r["eval"][name]) for r in evals if name in r["eval"] and r["eval"][name]]
-        metric = main_metric(name, points[0][1], tasks)
-        ax.plot([s for s, _ in points], [m.get(metric, math.nan) for _, m in points], "o-",
-                label=f"{name} ({metric})")
-    means = [(r["step"], r["eval_mean"]) for r in evals if r.get("eval_mean") is not None]
-    if means:
-        ax.plot([s for s, _ in means], [m for _, m in means], "k--", label="mean score")
-    ax.set(xlabel="step", ylabel="score (%)", title="evaluation")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        return False
+    series = {name: [(r["step"], r["eval_loss"][name]) for r in evals if name in r["eval_loss"]]
+              for name in dict.fromkeys(name for r in evals for name in r["eval_loss"])}
+    means = [(r["step"], r["eval_loss_mean"]) for r in evals if r.get("eval_loss_mean") is not None]
+    _series_plot(series, means, "mean", "held-out answer loss (token NLL)", path)
     return True
 
 
