@@ -23,8 +23,8 @@ from flax import nnx
 
 from benchmarks import measure, setups
 from benchmarks.setups import ModelSpec
-from ept_jax import sharding as sharding_lib
-from ept_jax.nn import AdapterContext
+from ept_jax.core import sharding as sharding_lib
+from ept_jax.core.params import AdapterContext
 from train import state as state_lib
 from train import steps
 

@@ -148,7 +148,7 @@ def hf_tensors(model) -> dict[str, np.ndarray]:
 
 
 #: ``model.scan_layers`` of every JAX row (``benchmarks.run --unrolled-layers`` sets False; see
-#: :mod:`ept_jax.layer_scan`)
+#: :mod:`ept_jax.models.layer_scan`)
 SCAN_LAYERS = True
 
 
@@ -181,12 +181,12 @@ def bench_config(spec: ModelSpec, adapter: dict[str, Any] | None, *, dtype: str 
 def jax_model(config, tensors: dict[str, np.ndarray]) -> nnx.Module:
     """The ept_jax model of ``config`` (adapters from ``train.seed``) holding the base weights ``tensors``."""
     from ept_jax.checkpoints.hf import load_into
-    from ept_jax.models import family_module
+    from ept_jax.checkpoints.load import hf_mapping
     from train.state import build_model
 
     model = build_model(config)
-    mod = family_module(str(config.model.family))
-    load_into(model, tensors, mod.hf_rules(model.cfg), ignore=mod.hf_ignore(model.cfg), source="the HF model")
+    rules, ignore = hf_mapping(str(config.model.family), model.cfg)
+    load_into(model, tensors, rules, ignore=ignore, source="the HF model")
     return model
 
 

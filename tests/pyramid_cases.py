@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ept_jax import pyramid as P
+from ept_jax.adapters import pyramid as P
 
 TOL = dict(atol=1e-10, rtol=1e-10)
 

@@ -12,9 +12,14 @@ import pytest
 from flax import nnx
 
 from ept_jax import adapters as ad
-from ept_jax.baselines import DCFTAdapter, LoRAAdapter, MoELoRAAdapter
-from ept_jax.dropout import keep_mask
-from ept_jax.nn import AdaptedLinear, AdapterContext, AdapterParam, Injection, Injector, logical_axes, pop_aux_losses
+from ept_jax.adapters.base import AdaptedLinear
+from ept_jax.adapters.dcft import DCFTAdapter
+from ept_jax.adapters.inject import Injection, inject
+from ept_jax.adapters.lora import LoRAAdapter
+from ept_jax.adapters.moelora import MoELoRAAdapter
+from ept_jax.core.dropout import keep_mask
+from ept_jax.core.linear import Linear
+from ept_jax.core.params import AdapterContext, AdapterParam, logical_axes, pop_aux_losses
 
 TOL = dict(atol=1e-10, rtol=1e-10)
 # One pair of dimensions and kernel sizes per expansion, reused everywhere so that initialisers and paths compile
@@ -264,10 +269,18 @@ def test_dropout_applies_to_the_adapter_input_only_in_training(impl):
 
 def test_injected_adapted_linear_axes_and_contrastive_loss():
     d_in, d_out = REF_DIMS
-    injector = Injector(Injection(adapter=_cfg(dropout=0.5), targets=("q",), contrastive_stacks=("encoder",)))
-    kw = dict(axes=("embed", "joined_kv"), rngs=nnx.Rngs(0))
-    enc = injector("q", "encoder.block.0.layer.0.SelfAttention.q", "encoder", d_in, d_out, **kw)
-    dec = injector("q", "decoder.block.0.layer.0.SelfAttention.q", "decoder", d_in, d_out, **kw)
+    class Stacks(nnx.Module):  # one Linear per stack, named by its stack as a T5 path begins
+        def __init__(self):
+            self.encoder = Linear(d_in, d_out, axes=("embed", "joined_kv"), rngs=nnx.Rngs(0))
+            self.decoder = Linear(d_in, d_out, axes=("embed", "joined_kv"), rngs=nnx.Rngs(1))
+
+        @staticmethod
+        def stack_of(path):
+            return path.split(".")[0]
+
+    injection = Injection(adapter=_cfg(dropout=0.5), targets=(".*",), contrastive_stacks=("encoder",))
+    model = inject(Stacks(), injection, rngs=0)
+    enc, dec = model.encoder, model.decoder
     assert isinstance(enc, AdaptedLinear) and isinstance(enc.adapter, ad.EPTAdapter)
     a = enc.adapter
     assert logical_axes(a.A) == ("lora_rank", "embed")

@@ -22,18 +22,17 @@ import pytest
 from flax import nnx
 
 from ept_jax import adapters as ad
-from ept_jax.competitors import (
-    MORE_N_EXPERTS,
+from ept_jax.adapters.base import adapted_linears
+from ept_jax.adapters.inject import Injection, inject
+from ept_jax.adapters.moelora import MOELoRAReleaseAdapter, MOELoRARouter
+from ept_jax.adapters.more import MORE_N_EXPERTS, FixedRouting, MoREAdapter
+from ept_jax.adapters.trex import (
     TREX_NOT_MERGEABLE,
     TREX_RELEASE_ROUTER_SCALE,
     TREX_RELEASE_SEMANTIC_SCALE,
-    FixedRouting,
-    MOELoRAReleaseAdapter,
-    MOELoRARouter,
-    MoREAdapter,
     TREXAdapter,
 )
-from ept_jax.nn import AdapterContext, AdapterParam, Injection, adapted_linears
+from ept_jax.core.params import AdapterContext, AdapterParam
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = dict(atol=1e-10, rtol=1e-10)
@@ -172,7 +171,7 @@ def test_more_gate_gradient(variant, gate_trains):
 
 
 def pyramid_loss(a, x, emb):
-    from ept_jax import pyramid
+    from ept_jax.adapters import pyramid
 
     return pyramid.contrastive_loss(x[:, 0, :], emb, jnp.asarray(TASKS), a.cfg.contrastive_tau)
 
@@ -209,7 +208,8 @@ def _tiny_t5(adapter_cfg, targets=("q", "v", "wi")):
                 relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj="relu",
                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     inj = Injection(adapter=adapter_cfg, targets=targets, contrastive_stacks=())
-    return T5Model(T5Config.from_hf(arch), injection=inj, dtype="float32", param_dtype="float32", rngs=nnx.Rngs(0))
+    return inject(T5Model(T5Config.from_hf(arch), dtype="float32", param_dtype="float32", rngs=nnx.Rngs(0)), inj,
+                  rngs=0)
 
 
 def test_moelora_release_matches_closed_form():
@@ -249,7 +249,7 @@ def test_moelora_release_router_is_shared_once_and_trained_by_every_layer():
     back = from_nested(trainable, nested)
     restored = nnx.merge(graphdef, back, frozen)
     assert len({id(lin.adapter.router) for _, lin in adapted_linears(restored)}) == 1
-    from ept_jax.inspection import parameter_summary
+    from ept_jax.adapters.inspection import parameter_summary
 
     s = parameter_summary(model, 3)
     assert s["by_kind"]["gate"] == 4 * 64 and s["by_kind"]["task_embedding"] == 4 * 64  # counted once

@@ -7,8 +7,8 @@ import pytest
 
 from configs import smoke
 from train import compare, configuration
+from train.configuration import apply
 from train.errors import UserError
-from train.sweep import apply
 
 
 def _config(**values):

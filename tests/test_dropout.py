@@ -1,4 +1,4 @@
-"""ept_jax.dropout: the hash mask generator's statistics, determinism, sharding invariance and errors.
+"""ept_jax.core.dropout: the hash mask generator's statistics, determinism, sharding invariance and errors.
 
 Thresholds are ~5-6 standard deviations of the statistic under a true Bernoulli / uniform source, so a correct
 generator fails with probability < 1e-6 and a biased or correlated one (a mask that repeats along an axis,
@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ept_jax.dropout import dropout, hash_bits, keep_mask
-from ept_jax.nn import AdapterContext
+from ept_jax.core.dropout import dropout, hash_bits, keep_mask
+from ept_jax.core.params import AdapterContext
 
 SHAPE = (8, 128, 512)  # one T5-small adapter input: 524,288 draws
 N = int(np.prod(SHAPE))

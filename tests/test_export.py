@@ -27,15 +27,17 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from ept_jax.adapters import AdapterConfig  # noqa: E402
+from ept_jax.adapters.base import adapted_linears
+from ept_jax.adapters.config import AdapterConfig  # noqa: E402
+from ept_jax.adapters.inject import Injection, inject
 from ept_jax.checkpoints import (  # noqa: E402
     export,  # noqa: E402
     llama_map,
     t5_map,
 )
 from ept_jax.checkpoints.hf import load_into, read_tensors  # noqa: E402
+from ept_jax.core.params import AdapterContext, AdapterParam  # noqa: E402
 from ept_jax.models import llama, t5  # noqa: E402
-from ept_jax.nn import AdapterContext, AdapterParam, Injection, adapted_linears  # noqa: E402
 
 VOCAB = 64
 TASKS = (1, 2)  # row i of every batch belongs to task TASKS[i]
@@ -177,7 +179,7 @@ def _jax_model(arch: str, adapter: AdapterConfig, base_dir: Path, seed: int = 0)
         cfg, model_cls, table = llama.LlamaConfig.from_hf(config), llama.LlamaModel, llama_map
     # contrastive_stacks=(): the contrastive loss does not change logits; skipping it keeps compiles small
     injection = Injection(adapter=adapter, targets=targets, contrastive_stacks=())
-    abstract = nnx.eval_shape(lambda: model_cls(cfg, injection=injection, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: inject(model_cls(cfg, rngs=nnx.Rngs(0)), injection, rngs=0))
     graphdef, state = nnx.split(abstract)
     rng = np.random.default_rng(seed)
     state = jax.tree.map(
@@ -471,15 +473,15 @@ def run_dir(tmp_path_factory):
     Returns ``(workdir, {step: model with that checkpoint's adapters})``.
     """
     from configs.smoke import get_config
-    from train import configuration
+    from train import configuration, rundir
     from train import state as state_lib
     from train.checkpointing import Checkpointer
-    from train.loop import run_identity
+    from train.rundir import run_identity
 
     config = get_config()
     config.model.arch.update(dict(d_model=32, d_kv=8, d_ff=64, num_layers=1))
     workdir = tmp_path_factory.mktemp("run")
-    configuration.write_json_atomic(workdir / configuration.CONFIG_FILE, configuration.to_dict(config))
+    rundir.write_json_atomic(workdir / configuration.CONFIG_FILE, configuration.to_dict(config))
     graphdef, trainable, frozen = nnx.split(state_lib.build_model(config), AdapterParam, ...)
     params = {5: _perturbed(trainable, 5), 7: _perturbed(trainable, 7)}
     tx, _ = state_lib.make_optimizer(config)

@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 from ept_jax.checkpoints import gguf as G  # noqa: E402
+from ept_jax.checkpoints import load  # noqa: E402
 from ept_jax.checkpoints.hf import CheckpointError, read_tensors  # noqa: E402
 from ept_jax.models import llama  # noqa: E402
 
@@ -105,7 +106,7 @@ def test_written_gguf_loads_with_parity(tiny, name):
     assert dataclasses.replace(read, rms_norm_eps=cfg.rms_norm_eps) == cfg
     for key, value in read_tensors(d).items():
         np.testing.assert_array_equal(tensors[key], value, err_msg=key)  # q/k rows restored exactly
-    for model in (llama.from_pretrained(d / "tiny.gguf"), llama.from_pretrained(d, gguf_file="tiny.gguf")):
+    for model in (load.from_pretrained(d / "tiny.gguf"), load.from_pretrained(d, gguf_file="tiny.gguf")):
         assert np.abs(np.asarray(_logits(model, ids)) - ref).max() <= 1e-4
     if name == "plain":
         # transformers reads our file too: an independent check of the writer's permutation and metadata.
@@ -159,19 +160,19 @@ def test_gguf_errors(tiny, tmp_path):
     partial = {k: v for k, v in read_tensors(d).items() if k != "model.layers.1.mlp.up_proj.weight"}
     G.write_gguf(tmp_path / "partial.gguf", cfg.to_hf(), partial)
     with pytest.raises(CheckpointError, match="missing 1 tensor.*model.layers.1.mlp.up_proj.weight"):
-        llama.from_pretrained(tmp_path / "partial.gguf")
+        load.from_pretrained(tmp_path / "partial.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(CheckpointError, match="not a readable GGUF file"):
-        llama.from_pretrained(tmp_path / "junk.gguf")
+        load.from_pretrained(tmp_path / "junk.gguf")
     with pytest.raises(CheckpointError, match="does not exist"):
-        llama.from_pretrained(tmp_path / "absent.gguf")
+        load.from_pretrained(tmp_path / "absent.gguf")
     with pytest.raises(CheckpointError, match="'absent.gguf' not found"):
-        llama.from_pretrained(tmp_path, gguf_file="absent.gguf")
+        load.from_pretrained(tmp_path, gguf_file="absent.gguf")
 
 
 def test_smollm2_q4_1_matches_transformers_gguf_loader(smollm2_gguf):
     path = smollm2_gguf
-    model = llama.from_pretrained(path)
+    model = load.from_pretrained(path)
     cfg = model.cfg
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 9, 3)
     assert cfg.tie_word_embeddings and model.lm_head is None and cfg.rope_theta == 1e5
@@ -199,12 +200,12 @@ def test_truncated_loading_reads_only_the_first_layers(tiny, tmp_path):
     """``num_layers``: the first layers load (GGUF and safetensors) with the full model's weights, the rest are
     never read (a file lacking them still loads), and what is read stays strict."""
     _, d, cfg = tiny["plain"]
-    full = llama.from_pretrained(d / "tiny.gguf")
+    full = load.from_pretrained(d / "tiny.gguf")
     config, tensors = G.read_gguf(d / "tiny.gguf", num_layers=1)
     assert config["num_hidden_layers"] == 1
     assert not [k for k in tensors if k.startswith("model.layers.1.")]
     assert "model.layers.0.mlp.up_proj.weight" in tensors and "model.embed_tokens.weight" in tensors
-    for model in (llama.from_pretrained(d / "tiny.gguf", num_layers=1), llama.from_pretrained(d, num_layers=1)):
+    for model in (load.from_pretrained(d / "tiny.gguf", num_layers=1), load.from_pretrained(d, num_layers=1)):
         assert model.cfg.num_hidden_layers == 1 and len(model.model.layers) == 1
         np.testing.assert_array_equal(np.asarray(model.model.layers[0].mlp.up_proj.kernel[...]),
                                       np.asarray(full.model.layers[0].mlp.up_proj.kernel[...]))
@@ -213,15 +214,15 @@ def test_truncated_loading_reads_only_the_first_layers(tiny, tmp_path):
         partial = {k: v for k, v in read_tensors(d).items() if k != dropped}
         G.write_gguf(tmp_path / "partial.gguf", cfg.to_hf(), partial)
         if ok:
-            llama.from_pretrained(tmp_path / "partial.gguf", num_layers=1)
+            load.from_pretrained(tmp_path / "partial.gguf", num_layers=1)
         else:
             with pytest.raises(CheckpointError, match=f"missing 1 tensor.*{dropped}"):
-                llama.from_pretrained(tmp_path / "partial.gguf", num_layers=1)
+                load.from_pretrained(tmp_path / "partial.gguf", num_layers=1)
     for bad in (0, 3):
         with pytest.raises(CheckpointError, match=rf"num_layers={bad}: .* has 2 (blocks|layers); accepted: 1 \.\. 2"):
-            llama.from_pretrained(d / "tiny.gguf", num_layers=bad)
+            load.from_pretrained(d / "tiny.gguf", num_layers=bad)
         with pytest.raises(CheckpointError, match=rf"num_layers={bad}: .* has 2 (blocks|layers); accepted: 1 \.\. 2"):
-            llama.from_pretrained(d, num_layers=bad)
+            load.from_pretrained(d, num_layers=bad)
 
 
 def test_packaged_file_names_the_pip_command(tmp_path):

@@ -13,7 +13,7 @@ from train.data import build_data
 
 def test_heldout_loss_equals_the_training_loss_of_the_same_examples():
     from configs.smoke import get_config
-    from ept_jax import sharding
+    from ept_jax.core import sharding
     from ept_jax.data.batching import collate_seq2seq
 
     config = get_config()

@@ -1,4 +1,4 @@
-"""The layer scan (ept_jax.layer_scan): the same loss, gradients and dropout masks as the unrolled layers."""
+"""The layer scan (ept_jax.models.layer_scan): the same loss, gradients and dropout masks as the unrolled layers."""
 
 import chex
 import jax
@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ept_jax import layer_scan
-from ept_jax.adapters import AdapterConfig
+from ept_jax.adapters.config import AdapterConfig
+from ept_jax.adapters.inject import Injection, inject
+from ept_jax.core.params import AdapterParam
+from ept_jax.models import layer_scan
 from ept_jax.models.llama import LlamaModel
-from ept_jax.models.llama_config import LlamaConfig
+from ept_jax.models.llama.config import LlamaConfig
 from ept_jax.models.t5 import T5Config, T5Model
-from ept_jax.nn import AdapterParam, Injection
 from train import steps
 
 LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
@@ -33,11 +34,11 @@ def _model(family: str, adapter: str, *, scan: bool):
     if family == "llama":
         inj = Injection(adapter=AdapterConfig(**kw), targets=("q_proj", "v_proj", "gate_proj", "down_proj"),
                         contrastive_stacks=("decoder",))
-        model = LlamaModel(LlamaConfig.from_hf(LLAMA), injection=inj, rngs=nnx.Rngs(0))
+        model = inject(LlamaModel(LlamaConfig.from_hf(LLAMA), rngs=nnx.Rngs(0)), inj, rngs=0)
     else:
         inj = Injection(adapter=AdapterConfig(**kw), targets=("q", "v", "wi_0", "wo"),
                         contrastive_stacks=("encoder",))
-        model = T5Model(T5Config.from_hf(T5), injection=inj, rngs=nnx.Rngs(0))
+        model = inject(T5Model(T5Config.from_hf(T5), rngs=nnx.Rngs(0)), inj, rngs=0)
     layer_scan.set_scan_layers(model, scan)
     # non-zero adapters everywhere (B factors start at zero), so every layer's adapter shows in the loss
     graphdef, trainable, frozen = nnx.split(model, AdapterParam, ...)

@@ -19,12 +19,16 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from ept_jax.adapters import AdapterConfig  # noqa: E402
+from ept_jax.adapters.base import adapted_linears
+from ept_jax.adapters.config import AdapterConfig  # noqa: E402
+from ept_jax.adapters.inject import Injection
+from ept_jax.checkpoints import load  # noqa: E402
 from ept_jax.checkpoints.hf import CheckpointError, export_from, read_tensors  # noqa: E402
 from ept_jax.checkpoints.llama_map import hf_rules, linear_names  # noqa: E402
+from ept_jax.core.params import AdapterContext, AdapterParam, logical_axes, pop_aux_losses  # noqa: E402
 from ept_jax.models import llama  # noqa: E402
-from ept_jax.models.llama_config import LlamaConfig, RopeScaling, rope_inv_freq  # noqa: E402
-from ept_jax.nn import AdapterContext, AdapterParam, Injection, adapted_linears, logical_axes, pop_aux_losses  # noqa: E402
+from ept_jax.models.llama import generation as llama_generation
+from ept_jax.models.llama.config import LlamaConfig, RopeScaling, rope_inv_freq  # noqa: E402
 
 VOCAB = 97
 BASE = dict(
@@ -191,7 +195,7 @@ def test_rotate_half_convention():
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_transformers(hf_models, case):
     hf, d = hf_models[case]
-    model = llama.from_pretrained(d)
+    model = load.from_pretrained(d)
     ids, mask = _left_padded()
     # Unpadded: transformers' default positions are arange, as ours without padding.
     full = np.ones_like(mask)
@@ -226,7 +230,7 @@ N_NEW = 10
 @pytest.mark.parametrize("case", ["gqa_tied_theta1e5", "untied_linear_bias"])
 def test_greedy_generation_matches_transformers(hf_models, case):
     hf, d = hf_models[case]
-    model = llama.from_pretrained(d)
+    model = load.from_pretrained(d)
     ids, mask = _left_padded()
     ref = _hf_generate(hf, ids, mask, N_NEW, eos=None)
     assert len(set(ref[0].tolist())) > 2, "the test model should not repeat one token"
@@ -246,15 +250,15 @@ def test_greedy_generation_matches_transformers(hf_models, case):
 
 def test_generate_does_not_retrace(hf_models):
     _, d = hf_models["gqa_tied_theta1e5"]
-    model = llama.from_pretrained(d)
+    model = load.from_pretrained(d)
     ids, mask = _left_padded()
-    fn = llama._generate_jit
+    fn = llama_generation._generate_jit
     llama.generate(model, ids, mask, max_new_tokens=N_NEW, eos_token_id=2)
     compiled = fn._cache_size()
     assert compiled >= 1
     # New prompts, new EOS/pad values and new weights (same shapes) reuse the compiled program.
     ids2, _ = _left_padded(seed=1)
-    model2 = llama.from_pretrained(d)
+    model2 = load.from_pretrained(d)
     up = model2.model.layers[0].mlp.up_proj.kernel
     up[...] = up[...] * 3.0
     a = llama.generate(model, ids2, mask, max_new_tokens=N_NEW, eos_token_id=5, pad_token_id=1)
@@ -265,7 +269,7 @@ def test_generate_does_not_retrace(hf_models):
 
 
 def test_generate_rejects_bad_inputs(hf_models):
-    model = llama.from_pretrained(hf_models["gqa_tied_theta1e5"][1])
+    model = load.from_pretrained(hf_models["gqa_tied_theta1e5"][1])
     ids, mask = _left_padded()
     with pytest.raises(ValueError, match="LEFT-padded"):
         llama.generate(model, ids, mask[:, ::-1], max_new_tokens=2)
@@ -282,7 +286,7 @@ def test_generate_rejects_bad_inputs(hf_models):
 
 def test_export_round_trips_checkpoint_and_axes(hf_models):
     _, d = hf_models["untied_linear_bias"]
-    model = llama.from_pretrained(d)
+    model = load.from_pretrained(d)
     exported = export_from(model, hf_rules(model.cfg))
     original = read_tensors(d)
     assert set(exported) == set(original)
@@ -298,7 +302,7 @@ def test_sharded_checkpoint_loads(hf_models, tmp_path):
     hf, _ = hf_models["gqa_tied_theta1e5"]
     hf.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    model = llama.from_pretrained(tmp_path)
+    model = load.from_pretrained(tmp_path)
     ids, _ = _left_padded()
     assert np.abs(np.asarray(_logits(model, ids[:1])) - _torch_logits(hf, ids[:1])).max() <= 1e-4
 
@@ -334,21 +338,21 @@ def test_loading_is_strict(hf_models, tmp_path, edit, message):
     hf, _ = hf_models["gqa_tied_theta1e5"]
     _save_edited(hf, tmp_path, edit)
     with pytest.raises(CheckpointError, match=message):
-        llama.from_pretrained(tmp_path)
+        load.from_pretrained(tmp_path)
 
 
 def test_loading_errors_for_missing_files(hf_models, tmp_path):
     with pytest.raises(CheckpointError, match="no weights"):
         (tmp_path / "config.json").write_text(json.dumps(dict(BASE, model_type="llama")))
-        llama.from_pretrained(tmp_path)
+        load.from_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
-        llama.from_pretrained(tmp_path / "nowhere")
+        load.from_pretrained(tmp_path / "nowhere")
     bad = dict(BASE, model_type="llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     (tmp_path / "config.json").write_text(json.dumps(bad))
     with pytest.raises(CheckpointError, match="rope_type='dynamic'"):
-        llama.from_pretrained(tmp_path)
+        load.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="dtype='float16'"):
-        llama.from_pretrained(hf_models["gqa_tied_theta1e5"][1], dtype="float16")
+        load.from_pretrained(hf_models["gqa_tied_theta1e5"][1], dtype="float16")
 
 
 # ------------------------------------------------------------------------------------------------ adapters
@@ -357,7 +361,7 @@ def test_loading_errors_for_missing_files(hf_models, tmp_path):
 def test_injection_lora_names_and_zero_delta(hf_models):
     hf, d = hf_models["llama3_scaling"]  # the EPT fixture's model too: eager initialisers compile once
     inj = Injection(AdapterConfig(kind="lora", r=4, alpha=8.0, dropout=0.0), targets=("q_proj", "v_proj", "down_proj"))
-    model = llama.from_pretrained(d, injection=inj)
+    model = load.from_pretrained(d, injection=inj)
     names = [m.name for _, m in adapted_linears(model)]
     assert sorted(names) == sorted(
         f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
@@ -382,7 +386,7 @@ def ept_model(hf_models):
     contrastive losses on (LLaMA's one stack is "decoder")."""
     ept = AdapterConfig(kind="ept", r=4, alpha=16.0, dropout=0.0, n_tasks=2, expert_kernel_sizes=(2, 2, 4, 4))
     inj = Injection(ept, targets=("q_proj", "o_proj"), contrastive_stacks=("decoder",))
-    return llama.from_pretrained(hf_models["llama3_scaling"][1], injection=inj)
+    return load.from_pretrained(hf_models["llama3_scaling"][1], injection=inj)
 
 
 def test_injection_ept_routes_per_example_and_trains_only_adapters(ept_model):
@@ -417,7 +421,7 @@ def test_injection_rejects_unknown_target(hf_models):
     assert linear_names() == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     inj = Injection(AdapterConfig(kind="lora", r=4), targets=("q_proj", "wi_0"))
     with pytest.raises(ValueError, match=r"\['wi_0'\].*accepted"):
-        llama.from_pretrained(hf_models["gqa_tied_theta1e5"][1], injection=inj)
+        load.from_pretrained(hf_models["gqa_tied_theta1e5"][1], injection=inj)
 
 
 def test_cached_generation_with_adapters_equals_uncached_greedy(ept_model):
@@ -443,7 +447,7 @@ def test_cached_generation_with_adapters_equals_uncached_greedy(ept_model):
 
 def test_bfloat16_policy(hf_models):
     hf, d = hf_models["gqa_tied_theta1e5"]
-    model = llama.from_pretrained(d, dtype="bfloat16", param_dtype="bfloat16")
+    model = load.from_pretrained(d, dtype="bfloat16", param_dtype="bfloat16")
     assert model.model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
     ids, _ = _left_padded()
     logits = np.asarray(_logits(model, ids[:1]))

@@ -1,11 +1,11 @@
-"""ept_jax.losses: the one-pass cross-entropy equals log_softmax + take_along_axis, value and gradient."""
+"""ept_jax.core.losses: the one-pass cross-entropy equals log_softmax + take_along_axis, value and gradient."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ept_jax import losses
+from ept_jax.core import losses
 from train import steps
 
 

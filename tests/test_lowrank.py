@@ -1,4 +1,4 @@
-"""ept_jax.lowrank: values and hand-written gradients against jax.grad of the plain expressions (float64)."""
+"""ept_jax.core.lowrank: values and hand-written gradients against jax.grad of the plain expressions (float64)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ept_jax.lowrank import lowrank, lowrank_both_per_example, lowrank_per_example, thin_matmul
+from ept_jax.core.lowrank import lowrank, lowrank_both_per_example, lowrank_per_example, thin_matmul
 
 TOL = dict(atol=1e-11, rtol=1e-11)
 

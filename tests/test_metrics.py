@@ -8,7 +8,7 @@ import pytest
 import scipy.stats
 import sklearn.metrics
 
-from ept_jax import metrics
+from ept_jax.eval import metrics
 
 
 def _rng(seed=0):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ept_jax.checkpoints import load  # noqa: E402
 from ept_jax.eval import multiple_choice as mc
 
 
@@ -19,7 +20,7 @@ def tok(tiny_bpe_gguf):
 
 def _tiny_llama(vocab: int):
     from ept_jax.models.llama import LlamaModel
-    from ept_jax.models.llama_config import LlamaConfig
+    from ept_jax.models.llama.config import LlamaConfig
 
     cfg = LlamaConfig.from_hf({"vocab_size": vocab, "hidden_size": 16, "intermediate_size": 32,
                                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -141,12 +142,11 @@ def test_smollm2_scores_equal_transformers_logits(smollm2_gguf):
     import transformers
 
     from ept_jax.checkpoints.gguf import load_tokenizer
-    from ept_jax.models import llama
 
     tok = load_tokenizer(path)
     examples = [mc.ChoiceExample("Question: What is the capital of France?\nAnswer:", ("Paris", "a cat"), gold=0),
                 mc.ChoiceExample("The sky on a clear day is\nAnswer:", ("blue", "green", "made of cheese"), gold=0)]
-    model = llama.from_pretrained(path)
+    model = load.from_pretrained(path)
     scores = mc.score(model, tok, examples, batch_size=8, max_length=32)
     del model
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)

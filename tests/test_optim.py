@@ -140,8 +140,8 @@ def test_lr_multipliers_reach_the_training_steps_stacks():
     from flax import nnx
 
     from configs import smoke
-    from ept_jax import sharding
-    from ept_jax.nn import TRAINABLE
+    from ept_jax.core import sharding
+    from ept_jax.core.params import TRAINABLE
     from train import state as state_lib
     from train.errors import UserError
 

@@ -1,4 +1,4 @@
-"""Exact-math tests of ept_jax.pyramid (float64): every path of both expansions against the definitions.
+"""Exact-math tests of ept_jax.adapters.pyramid (float64): every path of both expansions against the definitions.
 
 The fast paths' gradients: tests/test_pyramid_fast.py."""
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from pyramid_cases import TOL, normal, pyramid_params, routing, x64  # noqa: F401 (x64: autouse fixture)
 
-from ept_jax import pyramid as P
-from ept_jax import pyramid_fast as F
+from ept_jax.adapters import pyramid as P
+from ept_jax.adapters import pyramid_fast as F
 
 
 def _np_softmax(a):

@@ -1,4 +1,4 @@
-"""ept_jax.pyramid_fast (float64): the fast paths' gradients equal the definitions'.
+"""ept_jax.adapters.pyramid_fast (float64): the fast paths' gradients equal the definitions'.
 
 Values of every path against the ``lax.conv_transpose`` definition: tests/test_pyramid.py.
 """
@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import pytest
 from pyramid_cases import TOL, normal, pyramid_params, x64  # noqa: F401 (x64: autouse fixture)
 
-from ept_jax import pyramid as P
-from ept_jax import pyramid_fast as F
+from ept_jax.adapters import pyramid as P
+from ept_jax.adapters import pyramid_fast as F
 
 
 def _loss_parts(p, top_k, n=5):

@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ept_jax import pyramid
-from ept_jax.adapters import AdapterConfig, make_adapter
+from ept_jax.adapters import pyramid
+from ept_jax.adapters.base import AdaptedLinear
+from ept_jax.adapters.config import AdapterConfig
+from ept_jax.adapters.registry import make_adapter
 from ept_jax.checkpoints.reference import load_reference_adapter, read_reference_adapter
-from ept_jax.nn import AdaptedLinear, AdapterContext, AdapterParam, Linear
+from ept_jax.core.linear import Linear
+from ept_jax.core.params import AdapterContext, AdapterParam
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _CANDIDATES = [

@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ept_jax.adapters import AdapterConfig
+from ept_jax.adapters.base import adapted_linears
+from ept_jax.adapters.config import AdapterConfig
+from ept_jax.adapters.inject import Injection
+from ept_jax.checkpoints.load import from_pretrained
 from ept_jax.checkpoints.reference import load_reference_adapter
-from ept_jax.models import from_pretrained
-from ept_jax.nn import AdapterContext, Injection, adapted_linears
+from ept_jax.core.params import AdapterContext
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("EPT_REFERENCE_FIXTURES", ROOT.parent / "shared" / "fixtures" / "reference_ept"))

@@ -80,10 +80,11 @@ def _config(e: dict):
 
 def _run(case: str, dtype: str, tmp_path, *, grads: bool = True) -> dict:
     """Runs the fixture's steps with the project's training step; returns everything the checks compare."""
-    from ept_jax import layer_scan, sharding
+    from ept_jax.adapters.base import adapted_linears
     from ept_jax.checkpoints.reference import model_from_reference, reference_state_dict
+    from ept_jax.core import sharding
     from ept_jax.data.batching import from_hf_batch
-    from ept_jax.nn import adapted_linears
+    from ept_jax.models import layer_scan
     from train import state as state_lib
     from train import steps
     from train.optim import find_adamw_state
@@ -140,8 +141,8 @@ def _run(case: str, dtype: str, tmp_path, *, grads: bool = True) -> dict:
 
 def _named_flags(model) -> dict[str, bool]:
     """``{release key: flag}`` of a model whose adapter Variables hold one Python/array boolean each."""
+    from ept_jax.adapters.base import adapted_linears
     from ept_jax.checkpoints.reference import PREFIX
-    from ept_jax.nn import adapted_linears
 
     out = {}
     for _, lin in adapted_linears(model):

@@ -269,8 +269,9 @@ def model_dir(tmp_path_factory):
 
     from configs.smoke import SMOKE_ARCH
     from ept_jax.checkpoints.hf import export_from
+    from ept_jax.checkpoints.load import from_pretrained
     from ept_jax.checkpoints.t5_map import hf_rules
-    from ept_jax.models.t5 import T5Config, T5Model, from_pretrained
+    from ept_jax.models.t5 import T5Config, T5Model
 
     root = tmp_path_factory.mktemp("model") / "t5"
     root.mkdir()
@@ -311,7 +312,7 @@ def test_checkpoint_identity_reads_absent_adapter_options_as_their_defaults():
     and is refused, naming it, when the run changes it."""
     import dataclasses
 
-    from ept_jax.adapters import AdapterConfig
+    from ept_jax.adapters.config import AdapterConfig
     from train.checkpointing import identity_mismatches
 
     run = {"format": 1, "family": "t5", "tasks": ["syn_copy"],

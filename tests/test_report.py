@@ -98,10 +98,11 @@ def test_summary_routing_equals_restored_adapters(run):
     from flax import nnx
 
     from configs.smoke import get_config
-    from ept_jax.nn import TRAINABLE, adapted_linears
+    from ept_jax.adapters.base import adapted_linears
+    from ept_jax.core.params import TRAINABLE
     from train import state as state_lib
     from train.checkpointing import Checkpointer
-    from train.loop import run_identity
+    from train.rundir import run_identity
 
     workdir, out = run
     assert out.returncode == 0, out.stderr[-4000:]

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from ept_jax import sharding
-from ept_jax.nn import Linear
+from ept_jax.core import sharding
+from ept_jax.core.linear import Linear
 
 
 def test_mesh_shape_fills_and_checks():
@@ -44,8 +44,8 @@ SUBPROCESS = textwrap.dedent(
     import jax, jax.numpy as jnp
     from flax import nnx
     from jax.sharding import PartitionSpec as P
-    from ept_jax import sharding
-    from ept_jax.nn import Linear
+    from ept_jax.core import sharding
+    from ept_jax.core.linear import Linear
     assert jax.device_count() == 8
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}

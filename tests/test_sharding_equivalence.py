@@ -2,7 +2,7 @@
 state, for a tiny T5 and a tiny LLaMA with EPT (reference variant) injected, on 8 simulated CPU devices.
 
 Meshes ``(data=4, tensor=2)`` and ``(fsdp=8)``: the states are placed by their logical-axis shardings
-(``ept_jax.sharding.state_shardings``), the batch by ``batch_sharding``, and the computations are jitted with
+(``ept_jax.core.sharding.state_shardings``), the batch by ``batch_sharding``, and the computations are jitted with
 those in/out shardings, as ``train/steps.py`` does. The dimensions are chosen so that every mesh axis divides
 what it is assigned (d_model 64 over fsdp=8, attention / MLP / vocabulary widths over tensor=2); the test checks
 on the placed arrays that kernels are really split, and that the results span all 8 devices.
@@ -70,9 +70,9 @@ def _batch(family: str, rng) -> dict:
 def _model(family: str):
     from flax import nnx
 
-    from ept_jax.adapters import AdapterConfig
-    from ept_jax.models import build
-    from ept_jax.nn import Injection
+    from ept_jax.adapters.config import AdapterConfig
+    from ept_jax.adapters.inject import Injection
+    from ept_jax.checkpoints.load import build
 
     adapter = AdapterConfig(kind="ept", variant="reference", r=4, alpha=16.0, expert_kernel_sizes=(2, 2, 4, 4),
                             n_tasks=N_TASKS, dropout=DROPOUT)
@@ -104,8 +104,9 @@ def _check_family(family: str) -> dict:
     import numpy as np
     from flax import nnx
 
-    from ept_jax import sharding as sharding_lib
-    from ept_jax.nn import TRAINABLE, AdapterContext, adapted_linears
+    from ept_jax.adapters.base import adapted_linears
+    from ept_jax.core import sharding as sharding_lib
+    from ept_jax.core.params import TRAINABLE, AdapterContext
     from train import steps
 
     model = _model(family)

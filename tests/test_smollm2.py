@@ -37,7 +37,7 @@ if MISSING:
 from ept_jax.checkpoints import gguf as G  # noqa: E402
 from ept_jax.data import collate_decoder_only, encode_decoder_only, load_commonsense_task  # noqa: E402
 from train import compare, logger  # noqa: E402
-from train.sweep import apply  # noqa: E402
+from train.configuration import apply
 
 
 def _config(path=CONFIG, **overrides):

@@ -38,7 +38,7 @@ def test_layout_round_trip_groups_by_shape_dtype_and_sharding():
 
 def _smoke_state():
     from configs.smoke import get_config
-    from ept_jax import sharding
+    from ept_jax.core import sharding
 
     config = get_config()
     config.train.weight_decay = 0.1  # matrices decay, vectors (gate bias) do not: the mask matters

@@ -9,7 +9,6 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from transformers import ByT5Tokenizer  # noqa: E402
 
-from ept_jax import metrics  # noqa: E402
 from ept_jax.data import (  # noqa: E402
     SYNTHETIC_TASKS,
     Example,
@@ -22,7 +21,8 @@ from ept_jax.data import (  # noqa: E402
     load_task,
     task_names,
 )
-from ept_jax.data.synthetic import NEGATIVE_WORDS, POSITIVE_WORDS, synthetic_rows  # noqa: E402
+from ept_jax.data.tasks.synthetic import NEGATIVE_WORDS, POSITIVE_WORDS, synthetic_rows  # noqa: E402
+from ept_jax.eval import metrics  # noqa: E402
 
 
 @pytest.fixture(scope="module")

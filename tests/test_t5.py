@@ -21,19 +21,15 @@ from flax import nnx  # noqa: E402
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from ept_jax.adapters import AdapterConfig  # noqa: E402
+from ept_jax.adapters.base import adapted_linears
+from ept_jax.adapters.config import AdapterConfig  # noqa: E402
+from ept_jax.adapters.inject import Injection
+from ept_jax.checkpoints import load  # noqa: E402
 from ept_jax.checkpoints.hf import CheckpointError, export_from, read_safetensors, read_tensors  # noqa: E402
 from ept_jax.checkpoints.t5_map import hf_rules, linear_names  # noqa: E402
+from ept_jax.core.params import AdapterContext, AdapterParam, logical_axes, pop_aux_losses
 from ept_jax.models import t5  # noqa: E402
-from ept_jax.models.t5_config import T5Config  # noqa: E402
-from ept_jax.nn import (  # noqa: E402
-    AdapterContext,
-    AdapterParam,
-    Injection,
-    adapted_linears,
-    logical_axes,
-    pop_aux_losses,
-)
+from ept_jax.models.t5.config import T5Config  # noqa: E402
 
 VOCAB = 64
 COMMON = dict(vocab_size=VOCAB, d_model=32, d_kv=6, d_ff=48, num_heads=4, relative_attention_num_buckets=8,
@@ -90,7 +86,7 @@ def hf_models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(hf_models):
     """``{case: our model loaded from the saved directory}`` (shared by read-only tests)."""
-    return {case: t5.from_pretrained(d) for case, (_, d) in hf_models.items()}
+    return {case: load.from_pretrained(d) for case, (_, d) in hf_models.items()}
 
 
 def batch(seed=0):
@@ -229,7 +225,7 @@ def test_sharded_checkpoint_loads(hf_models, tmp_path):
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
     ids, mask, dec, _ = batch(1)
-    assert_parity(t5.from_pretrained(tmp_path)(ids, mask, dec), torch_logits(hf, ids, mask, dec))
+    assert_parity(load.from_pretrained(tmp_path)(ids, mask, dec), torch_logits(hf, ids, mask, dec))
 
 
 def _flax_name(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
@@ -260,7 +256,7 @@ def test_legacy_flax_msgpack_loads(hf_models, tmp_path, case):
     (tmp_path / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(tree))
     (tmp_path / "config.json").write_text((d / "config.json").read_text())
     ids, mask, dec, _ = batch(2)
-    assert_parity(t5.from_pretrained(tmp_path)(ids, mask, dec), torch_logits(hf, ids, mask, dec))
+    assert_parity(load.from_pretrained(tmp_path)(ids, mask, dec), torch_logits(hf, ids, mask, dec))
 
 
 def test_transformers4_tied_copies_are_accepted(hf_models, tmp_path):
@@ -276,7 +272,7 @@ def test_transformers4_tied_copies_are_accepted(hf_models, tmp_path):
     save_file(sd, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((d / "config.json").read_text())
     ids, mask, dec, _ = batch(3)
-    assert_parity(t5.from_pretrained(tmp_path)(ids, mask, dec), torch_logits(hf, ids, mask, dec))
+    assert_parity(load.from_pretrained(tmp_path)(ids, mask, dec), torch_logits(hf, ids, mask, dec))
 
 
 def _save_edited(hf, d, tmp_path, edit):
@@ -309,21 +305,21 @@ def test_loading_is_strict(hf_models, tmp_path, edit, message):
     hf, d = hf_models["v1_1"]
     _save_edited(hf, d, tmp_path, edit)
     with pytest.raises(CheckpointError, match=message):
-        t5.from_pretrained(tmp_path)
+        load.from_pretrained(tmp_path)
 
 
 def test_loading_errors_for_bad_directories(hf_models, tmp_path):
     cfg = dict(COMMON, model_type="t5", num_layers=2)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="no weights"):
-        t5.from_pretrained(tmp_path)
+        load.from_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
-        t5.from_pretrained(tmp_path / "nowhere")
+        load.from_pretrained(tmp_path / "nowhere")
     (tmp_path / "config.json").write_text(json.dumps(dict(cfg, feed_forward_proj="gated-swiglu")))
     with pytest.raises(CheckpointError, match="activation 'swiglu'"):
-        t5.from_pretrained(tmp_path)
+        load.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="dtype='float16'"):
-        t5.from_pretrained(hf_models["v1_0"][1], dtype="float16")
+        load.from_pretrained(hf_models["v1_0"][1], dtype="float16")
 
 
 def test_export_round_trips_checkpoint_and_axes(hf_models, loaded):
@@ -355,7 +351,7 @@ def test_export_round_trips_checkpoint_and_axes(hf_models, loaded):
 def test_lora_injection_names_stacks_and_zero_delta(hf_models):
     hf, d = hf_models["v1_1"]
     inj = Injection(AdapterConfig(kind="lora", r=4, alpha=8.0, dropout=0.0), targets=("q", "k", "wi_1", "wo"))
-    model = t5.from_pretrained(d, injection=inj)
+    model = load.from_pretrained(d, injection=inj)
     got = sorted((m.name, m.stack) for _, m in adapted_linears(model))
     expected = [(f"encoder.block.{i}.layer.{p}", "encoder") for i in range(3) for p in (
         "0.SelfAttention.q", "0.SelfAttention.k", "1.DenseReluDense.wi_1", "1.DenseReluDense.wo")]
@@ -386,7 +382,7 @@ def test_ept_injection_routes_per_example_and_sows_encoder_losses(hf_models, loa
     # Two targets of one shape keep the test fast (one adapter program to compile); every name/stack case is
     # covered by LoRA above. The contrastive loss counts in the encoder only (the default, as in the paper).
     inj = Injection(AdapterConfig(kind="ept", r=4, alpha=16.0, dropout=0.0, n_tasks=2), targets=("q", "v"))
-    model = t5.from_pretrained(d, injection=inj)
+    model = load.from_pretrained(d, injection=inj)
     assert len(adapted_linears(model)) == 2 * 2 + 2 * 4  # decoder blocks adapt EncDecAttention's q, v too
     ids, mask, dec, _ = batch()
     base = np.asarray(loaded["v1_0"](ids, mask, dec))
@@ -415,7 +411,7 @@ def test_injection_rejects_unknown_target(hf_models, targets, bad):
     inj = Injection(AdapterConfig(kind="lora", r=4), targets=targets)
     accepted = r"\['k', 'o', 'q', 'v', 'wi_0', 'wi_1', 'wo'\]"
     with pytest.raises(ValueError, match=rf"\['{bad}'\].*accepted: {accepted}"):
-        t5.from_pretrained(hf_models["v1_1"][1], injection=inj)
+        load.from_pretrained(hf_models["v1_1"][1], injection=inj)
 
 
 # ------------------------------------------------------------------------------------------------ dtype
@@ -423,7 +419,7 @@ def test_injection_rejects_unknown_target(hf_models, targets, bad):
 
 def test_bfloat16_policy_and_overflow_guard(hf_models):
     hf, d = hf_models["v1_1"]
-    model = t5.from_pretrained(d, dtype="bfloat16", param_dtype="bfloat16")
+    model = load.from_pretrained(d, dtype="bfloat16", param_dtype="bfloat16")
     assert model.encoder.block[0].layer[0].SelfAttention.q.kernel[...].dtype == jnp.bfloat16
     ids, mask, dec, _ = batch()
     graphdef, state = nnx.split(model)  # one compiled program: cheaper than compiling bfloat16 ops eagerly
@@ -433,10 +429,10 @@ def test_bfloat16_policy_and_overflow_guard(hf_models):
     # bfloat16 keeps 8 mantissa bits: agreement to a few percent of the logit scale.
     assert np.abs(logits - ref).max() <= 0.05 * np.abs(ref).max() + 0.05
     big = jnp.asarray([jnp.inf, -jnp.inf, 3.0], jnp.bfloat16)
-    clamped = np.asarray(t5._clamp(big).astype(jnp.float32))
+    clamped = np.asarray(t5.model._clamp(big).astype(jnp.float32))
     assert np.isfinite(clamped).all() and clamped[0] > 1e38 and clamped[2] == 3.0
     f32 = jnp.asarray([jnp.inf], jnp.float32)
-    assert t5._clamp(f32) is f32  # float32 (the safe choice) is left untouched, as transformers does
+    assert t5.model._clamp(f32) is f32  # float32 (the safe choice) is left untouched, as transformers does
     with pytest.raises(ValueError, match="param_dtype='float16'"):
         t5.T5Model(model.cfg, param_dtype="float16", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="param_dtype='float64' needs jax_enable_x64"):

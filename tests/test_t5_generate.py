@@ -25,9 +25,13 @@ pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_t5 import CASES, VOCAB, make_hf_model  # noqa: E402
 
-from ept_jax.adapters import AdapterConfig  # noqa: E402
-from ept_jax.models import t5, t5_generate  # noqa: E402
-from ept_jax.nn import AdapterContext, Injection, adapted_linears  # noqa: E402
+from ept_jax.adapters.base import adapted_linears
+from ept_jax.adapters.config import AdapterConfig  # noqa: E402
+from ept_jax.adapters.inject import Injection
+from ept_jax.checkpoints import load  # noqa: E402
+from ept_jax.core.params import AdapterContext  # noqa: E402
+from ept_jax.models import t5  # noqa: E402
+from ept_jax.models.t5 import generation as t5_generate
 
 N = 10
 
@@ -40,7 +44,7 @@ def models(tmp_path_factory):
         hf = make_hf_model(case)
         d = tmp_path_factory.mktemp(f"gen_{case}")
         hf.save_pretrained(d)
-        out[case] = (hf, t5.from_pretrained(d))
+        out[case] = (hf, load.from_pretrained(d))
     return out
 
 
@@ -87,7 +91,7 @@ def test_cached_generation_with_adapters_equals_uncached_greedy(models, tmp_path
     hf, plain = models["v1_1"]
     hf.save_pretrained(tmp_path)
     inj = Injection(AdapterConfig(kind="lora", r=4, alpha=8.0, dropout=0.0), targets=("k", "v"))
-    model = t5.from_pretrained(tmp_path, injection=inj)
+    model = load.from_pretrained(tmp_path, injection=inj)
     # Adapted keys/values reach both caches: decoder self-attention (filled step by step) and cross-attention
     # (computed once from the encoder states).
     for i, (_, lin) in enumerate(adapted_linears(model)):  # non-zero, different per Linear
@@ -120,7 +124,7 @@ def test_generate_compiles_once_per_shape(models, tmp_path):
     # New prompts, new special-token ids (any number of EOS ids up to 4) and new weights of the same shapes
     # reuse the compiled program.
     hf.save_pretrained(tmp_path)
-    model2 = t5.from_pretrained(tmp_path)
+    model2 = load.from_pretrained(tmp_path)
     model2.decoder.final_layer_norm.weight[...] = model2.decoder.final_layer_norm.weight[...] * -1.0
     ids2, mask2 = prompts(seed=3)
     a = t5.generate(model, ids2, mask2, max_new_tokens=N, eos_token_id=5, pad_token_id=3)

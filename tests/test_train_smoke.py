@@ -131,13 +131,13 @@ def test_merged_adapters_evaluate_like_routed_adapters(smoke_run, shared_compila
     from flax import nnx
 
     from configs.smoke import get_config
-    from ept_jax import sharding
-    from ept_jax.nn import AdapterContext
+    from ept_jax.core import sharding
+    from ept_jax.core.params import AdapterContext
     from train import evaluation, steps
     from train import state as state_lib
     from train.checkpointing import Checkpointer
     from train.data import build_data
-    from train.loop import run_identity
+    from train.rundir import run_identity
 
     out, workdir, _ = smoke_run
     assert out.returncode == 0, out.stderr[-4000:]

@@ -216,7 +216,7 @@ def test_semantic_reaches_the_layers_in_training_and_evaluation(tmp_path, embedd
     import jax
     import jax.numpy as jnp
 
-    from ept_jax import sharding
+    from ept_jax.core import sharding
     from train import evaluation, steps
     from train import state as state_lib
     from train.data import build_data, load_tasks

@@ -7,9 +7,11 @@ from pathlib import Path
 
 from flax import nnx
 
-from ept_jax.adapters import AdapterConfig
-from ept_jax.models import build
-from ept_jax.nn import Injection, KeyStream
+from ept_jax.adapters.config import AdapterConfig
+from ept_jax.adapters.inject import Injection
+from ept_jax.checkpoints.load import build, from_pretrained
+from ept_jax.core.params import KeyStream
+from train.errors import UserError
 
 # ConfigDict keys under `adapter` that are not AdapterConfig fields.
 INJECTION_KEYS = ("targets", "contrastive_lambda", "contrastive_stacks", "contrastive_divisor", "trex_embedder")
@@ -66,6 +68,26 @@ def _arch(config) -> dict:
     if config.model.get("num_layers") is not None and str(config.model.family) == "llama":
         arch["num_hidden_layers"] = int(config.model.num_layers)
     return arch
+
+
+def model_from_config(config) -> nnx.Module:
+    """The model of ``config`` with adapters injected: random base weights from ``model.arch``
+    (``model.random_init``) or loaded from ``model.name_or_path``; ``model.num_layers`` cuts a LLaMA model to its
+    first layers. Adapters (and random base weights) draw from ``train.seed``.
+
+    Raises UserError (``num_layers`` on a non-LLaMA family), ValueError / CheckpointError naming what is wrong (a
+    kernel size the variant cannot use, an unknown target, a model directory without weights, ...).
+    """
+    family = str(config.model.family)
+    num_layers = config.model.get("num_layers")
+    if num_layers is not None and family != "llama":
+        raise UserError(f"model.num_layers={num_layers!r} is supported for model.family='llama' only, not {family!r}")
+    kw = dict(injection=injection(config), dtype=str(config.model.dtype), param_dtype=str(config.model.param_dtype),
+              rngs=nnx.Rngs(int(config.train.seed)), num_layers=None if num_layers is None else int(num_layers))
+    if config.model.random_init:
+        arch = config.model.arch.to_dict() if hasattr(config.model.arch, "to_dict") else dict(config.model.arch)
+        return build(family, arch, **kw)
+    return from_pretrained(str(config.model.name_or_path), **kw)
 
 
 def random_model(config, *, rngs: nnx.Rngs | KeyStream | None = None):

@@ -115,7 +115,7 @@ def _adapter_defaults() -> dict[str, Any]:
     import dataclasses
     import json
 
-    from ept_jax.adapters import AdapterConfig
+    from ept_jax.adapters.config import AdapterConfig
 
     return json.loads(json.dumps(dataclasses.asdict(AdapterConfig())))
 

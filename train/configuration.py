@@ -7,13 +7,15 @@ the values the program itself interprets (the adapter and model options are chec
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from train.errors import ConfigMismatchError, UserError
+from train.rundir import write_json_atomic
 
 CONFIG_FILE = "config.json"
 FAMILIES = ("t5", "llama")
@@ -164,13 +166,6 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[st
     return out
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Writes ``data`` as JSON to ``path`` through a temporary file and a rename (never half-written)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def reconcile(workdir: Path, config, *, allow_change: bool, write: bool) -> list[str]:
     """Compares ``config`` with the one saved in ``workdir`` and saves it (when ``write``).
 
@@ -233,3 +228,44 @@ def check_same_across_processes(config) -> None:
         bad = [i for i, f in enumerate(flags) if f]
         raise ConfigMismatchError(f"process(es) {bad} run another config than process 0 (their error names the "
                                   "keys); launch every process with the same command")
+
+
+def load_config_file(spec: str):
+    """The ConfigDict of ``--config`` ``spec``: ``file.py`` (``get_config()``) or ``file.py:arg`` (``get_config(arg)``).
+    The one config loader of the command-line programs."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_ept_config", path)
+    if module_spec is None or module_spec.loader is None:
+        raise OSError(f"--config={spec!r}: cannot load {path!r} as a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def parse_assignments(text: str) -> dict[str, Any]:
+    """``"a.b=1 c='x'"`` -> ``{"a.b": 1, "c": "x"}`` (values are Python literals; a bare word is a string)."""
+    out = {}
+    for item in text.split():
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{item!r}: expected KEY=VALUE, e.g. train.learning_rate=1e-3")
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
+
+
+def apply(config, assignments: dict[str, Any]) -> None:
+    """Sets each dotted key of ``assignments`` in ``config`` (an existing key only: a typo is an error)."""
+    with config.unlocked():
+        for key, value in assignments.items():
+            node = config
+            *path, last = key.split(".")
+            for part in path:
+                if part not in node:
+                    raise ValueError(f"the config has no key {key!r}")
+                node = node[part]
+            if last not in node:
+                raise ValueError(f"the config has no key {key!r}")
+            node[last] = tuple(value) if isinstance(value, list) else value

@@ -19,9 +19,9 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ept_jax import sharding as sharding_lib
-from ept_jax.nn import TRAINABLE
-from train import configuration, evaluation
+from ept_jax.core import sharding as sharding_lib
+from ept_jax.core.params import TRAINABLE
+from train import configuration, evaluation, rundir
 from train import state as state_lib
 from train.data import build_data
 
@@ -91,5 +91,5 @@ def run(config, workdir: str | Path, *, allow_config_change: bool = False, devic
     logger.info("eval only: %s in %.1fs", ", ".join(f"{k} {out[k]:.3f}" for k in ("test_mean", "test_loss_mean")
                                                    if k in out), time.time() - t1)
     if is_main:
-        configuration.write_json_atomic(workdir / RESULTS_FILE, out)
+        rundir.write_json_atomic(workdir / RESULTS_FILE, out)
     return {"step": 0, "stopped": False, **out}

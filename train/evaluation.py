@@ -18,12 +18,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from ept_jax import sharding as sharding_lib
+from ept_jax.core import sharding as sharding_lib
+from ept_jax.core.losses import token_nll
+from ept_jax.core.params import AdapterContext
 from ept_jax.data import eval_batches
 from ept_jax.data.batching import collate_decoder_only, collate_seq2seq
-from ept_jax.losses import token_nll
-from ept_jax.metrics import compute_task_metrics, exact_match_accuracy, glue_average
-from ept_jax.nn import AdapterContext
+from ept_jax.eval.metrics import compute_task_metrics, exact_match_accuracy, glue_average
 from train import steps
 from train.data import EvalSet
 from train.state import TrainState, put_global
@@ -155,7 +155,7 @@ def heldout_loss(state: TrainState, sets: Sequence[EvalSet], mesh: Mesh, config)
 
 
 def mean_score(results: dict[str, dict], sets: Sequence[EvalSet], mode: str) -> float:
-    """The mean score (``ept_jax.metrics.glue_average``) with one entry per task.
+    """The mean score (``ept_jax.eval.metrics.glue_average``) with one entry per task.
 
     A task's entry is its set named after the task when there is one (MNLI matched, as GLUE tables report
     it), else all of its sets.

@@ -258,11 +258,11 @@ def restore_for_export(workdir: str | os.PathLike, step: int | None = None) -> R
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from ept_jax.nn import TRAINABLE
+    from ept_jax.core.params import TRAINABLE
     from train import checkpointing as ck
     from train import state as state_lib
     from train.errors import CheckpointMismatchError, UserError
-    from train.loop import run_identity
+    from train.rundir import run_identity
 
     config = load_run_config(workdir)
     if str(config.adapter.kind) == "none":

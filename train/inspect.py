@@ -13,7 +13,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from ept_jax.inspection import parameter_summary
+from ept_jax.adapters.inspection import parameter_summary
 from train.errors import EXIT_USER_ERROR
 
 _CONFIG = _JSON = _VERBOSE = None  # absl flag holders, defined by _define_flags() when run as a program
@@ -29,7 +29,7 @@ def _define_flags() -> None:
 
 
 def summarize(config) -> dict:
-    """The parameter summary (see :func:`ept_jax.inspection.parameter_summary`) of ``config``'s model."""
+    """The parameter summary (see :func:`ept_jax.adapters.inspection.parameter_summary`) of ``config``'s model."""
     from train.builder import build_abstract_model
 
     model, n_tasks = build_abstract_model(config)

@@ -17,7 +17,6 @@ A run whose ``_Run`` set-up fails (bad config, data or model) removes the workdi
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -30,15 +29,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ept_jax import sharding as sharding_lib
-from ept_jax.nn import TRAINABLE
-from train import configuration, evaluation, steps, throughput
+from ept_jax.core import sharding as sharding_lib
+from ept_jax.core.params import TRAINABLE
+from train import configuration, evaluation, rundir, steps, throughput
 from train import state as state_lib
-from train.checkpointing import FORMAT_VERSION, Checkpointer
+from train.checkpointing import Checkpointer
 from train.data import build_data
 from train.errors import NonFiniteLossError, UserError
 from train.logger import MetricsLogger
-from train.rundir import WorkdirLock
+from train.rundir import WorkdirLock, run_identity
 
 logger = logging.getLogger(__name__)
 
@@ -46,19 +45,6 @@ STOP_ENV = "EPT_STOP_AFTER_STEP"
 NAN_ENV = "EPT_NAN_AT_STEPS"
 RESULTS_FILE = "results.json"
 _AVERAGED = ("loss", "ce", "contrastive", "grad_norm")
-
-
-def run_identity(config) -> dict[str, Any]:
-    """What a checkpoint must match to be restored into this run (compared field by field on restore)."""
-    from train.builder import adapter_config
-
-    identity = {
-        "format": FORMAT_VERSION,
-        "family": str(config.model.family),
-        "tasks": list(config.data.tasks),
-        "adapter": dataclasses.asdict(adapter_config(config)),
-    }
-    return json.loads(json.dumps(identity))
 
 
 def _stop_after() -> int | None:
@@ -243,7 +229,7 @@ class _Run:
                         out["choices"]["format"], out["best_step"], out["choices"]["mean"]["acc_norm"],
                         out["choices"]["seconds"])
         if self.is_main:
-            configuration.write_json_atomic(self.workdir / RESULTS_FILE, out)
+            rundir.write_json_atomic(self.workdir / RESULTS_FILE, out)
         return out
 
     # -- the loop ------------------------------------------------------------------------------------------

@@ -13,13 +13,13 @@ unless ``--verbose``) and the program exits with status 2.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from train.configuration import load_config_file
 from train.errors import EXIT_PEER_LOST, EXIT_USER_ERROR, USER_ERRORS, one_line
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
@@ -60,16 +60,6 @@ def _flag_value(argv: list[str], name: str) -> str | None:
         if a == f"--{name}" and i + 1 < len(argv):
             return argv[i + 1]
     return None
-
-
-def load_config_file(spec: str):
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_ept_config", path)
-    if module_spec is None or module_spec.loader is None:
-        raise OSError(f"--config={spec!r}: cannot load {path!r} as a Python file")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
 
 
 def _explain_flag_error(argv: list[str], error: BaseException) -> str:

@@ -107,10 +107,10 @@ def restore_model(config, workdir: Path):
     import jax
     from flax import nnx
 
-    from ept_jax.nn import TRAINABLE
+    from ept_jax.core.params import TRAINABLE
     from train.builder import build_abstract_model
     from train.checkpointing import Checkpointer
-    from train.loop import run_identity
+    from train.rundir import run_identity
 
     model, _ = build_abstract_model(config)
     graphdef, abstract, frozen = nnx.split(model, TRAINABLE, ...)
@@ -149,7 +149,7 @@ def is_routed(adapter) -> bool:
 
 def routed_layers(model) -> list[tuple[str, Any]]:
     """``[(layer name, adapter)]`` of the model's adapted Linears that route (see :func:`is_routed`)."""
-    from ept_jax.nn import adapted_linears
+    from ept_jax.adapters.base import adapted_linears
 
     return [(lin.name, lin.adapter) for _, lin in adapted_linears(model) if is_routed(lin.adapter)]
 
@@ -406,7 +406,7 @@ def make_report(workdir: str | Path, out: str | Path | None = None) -> dict[str,
         "plots": plots,
         "notes": notes,
     }
-    from train.configuration import write_json_atomic
+    from train.rundir import write_json_atomic
 
     write_json_atomic(out_dir / SUMMARY_FILE, summary)
     return summary

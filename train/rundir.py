@@ -12,6 +12,7 @@ sharing a workdir over NFS are only refused where the filesystem propagates floc
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import fcntl
 import json
@@ -19,6 +20,7 @@ import logging
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 from train.errors import UserError
 
@@ -97,3 +99,24 @@ class WorkdirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def run_identity(config) -> dict[str, Any]:
+    """What a checkpoint must match to be restored into this run (compared field by field on restore)."""
+    from train.builder import adapter_config
+    from train.checkpointing import FORMAT_VERSION
+
+    identity = {
+        "format": FORMAT_VERSION,
+        "family": str(config.model.family),
+        "tasks": list(config.data.tasks),
+        "adapter": dataclasses.asdict(adapter_config(config)),
+    }
+    return json.loads(json.dumps(identity))
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Writes ``data`` as JSON to ``path`` through a temporary file and a rename (never half-written)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

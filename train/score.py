@@ -88,8 +88,7 @@ def _load(args) -> tuple[Any, Any, Any, bool, str]:
 
         run = restore_for_export(args.workdir, step=args.step)
         return run.model, run.config, state_lib.load_tokenizer(run.config), True, f"{args.workdir} step {run.step}"
-    from train.main import load_config_file
-    from train.sweep import apply, parse_assignments
+    from train.configuration import apply, load_config_file, parse_assignments
 
     config = load_config_file(args.config)
     with config.unlocked():

@@ -1,7 +1,7 @@
 """The model, its tokenizer, the optimizer and the sharded training state.
 
 The model is split once: ``graphdef, trainable, frozen = nnx.split(model, TRAINABLE, ...)``. Only ``trainable``
-(the :class:`~ept_jax.nn.AdapterParam` s) is differentiated, gets optimizer state and goes into checkpoints;
+(the :class:`~ept_jax.core.params.AdapterParam` s) is differentiated, gets optimizer state and goes into checkpoints;
 ``frozen`` (the base weights) is an input of every step and is never written.
 """
 
@@ -17,9 +17,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from ept_jax import layer_scan
-from ept_jax import sharding as sharding_lib
-from ept_jax.nn import TRAINABLE
+from ept_jax.core import sharding as sharding_lib
+from ept_jax.core.params import TRAINABLE
+from ept_jax.models import layer_scan
 from train.errors import UserError
 from train.stacking import LeafStack, leaf_name, leaf_names, stackable
 
@@ -36,7 +36,7 @@ def build_model(config) -> nnx.Module:
 
     Adapters are initialised from ``train.seed``. Raises ValueError / CheckpointError naming what is wrong (a
     kernel size the variant cannot use, an unknown target, a model directory without weights, ...).
-    ``model.scan_layers`` (default True) is applied with :func:`ept_jax.layer_scan.set_scan_layers`.
+    ``model.scan_layers`` (default True) is applied with :func:`ept_jax.models.layer_scan.set_scan_layers`.
     """
     model = _build_model(config)
     layer_scan.set_scan_layers(model, bool(config.model.get("scan_layers", True)))
@@ -44,33 +44,9 @@ def build_model(config) -> nnx.Module:
 
 
 def _build_model(config) -> nnx.Module:
-    from train.builder import injection
+    from train.builder import model_from_config
 
-    family = str(config.model.family)
-    inj = injection(config)
-    rngs = nnx.Rngs(int(config.train.seed))
-    dtype, param_dtype = str(config.model.dtype), str(config.model.param_dtype)
-    num_layers = config.model.get("num_layers")
-    if num_layers is not None and family != "llama":
-        raise UserError(f"model.num_layers={num_layers!r} is supported for model.family='llama' only, not {family!r}")
-    if config.model.random_init:
-        arch = config.model.arch.to_dict() if hasattr(config.model.arch, "to_dict") else dict(config.model.arch)
-        if num_layers is not None:
-            arch["num_hidden_layers"] = int(num_layers)
-        if family == "t5":
-            from ept_jax.models.t5 import T5Config, T5Model
-
-            return T5Model(T5Config.from_hf(arch), injection=inj, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        from ept_jax.models.llama import LlamaModel
-        from ept_jax.models.llama_config import LlamaConfig
-
-        return LlamaModel(LlamaConfig.from_hf(arch), injection=inj, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    from ept_jax.models import family_module
-
-    extra = {} if num_layers is None else {"num_layers": int(num_layers)}
-    return family_module(family).from_pretrained(
-        str(config.model.name_or_path), injection=inj, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **extra
-    )
+    return model_from_config(config)
 
 
 def vocab_size(model) -> int:

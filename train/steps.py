@@ -15,9 +15,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from ept_jax import losses
-from ept_jax import sharding as sharding_lib
-from ept_jax.nn import AdapterContext, adapted_linears, pop_aux_losses
+from ept_jax.adapters.base import adapted_linears
+from ept_jax.core import losses
+from ept_jax.core import sharding as sharding_lib
+from ept_jax.core.params import AdapterContext, pop_aux_losses
 from train import stacking as stacking_lib
 from train.state import TrainState
 
@@ -27,7 +28,7 @@ Array = jax.Array
 def cross_entropy(logits: Array, labels: Array, mask: Array) -> Array:
     """Mean token cross-entropy over ``mask``: ``logits (B, L, V)``, ``labels``/``mask`` ``(B, L)`` -> scalar.
 
-    Taken in float32 whatever the logits' dtype, with the one-pass backward of ``ept_jax.losses.token_nll``; a
+    Taken in float32 whatever the logits' dtype, with the one-pass backward of ``ept_jax.core.losses.token_nll``; a
     batch without any target token gives 0.
     """
     return losses.masked_mean_nll(logits, labels, mask)
@@ -157,7 +158,7 @@ def _key(entry) -> object:
 
 def active_leaves(model, trainable, task_ids: Array) -> list[Array]:
     """Per leaf of ``trainable`` (``jax.tree.leaves`` order): ``() bool``, whether a forward with ``task_ids``
-    uses it (:meth:`ept_jax.nn.Adapter.param_usage`; unlisted parameters are always used).
+    uses it (:meth:`ept_jax.adapters.base.Adapter.param_usage`; unlisted parameters are always used).
 
     ``train.optim.adamw_torch`` steps only these leaves, as PyTorch's AdamW steps only tensors with a gradient.
     """
@@ -265,7 +266,7 @@ def merged_frozen(graphdef, trainable, frozen, task: int | Array) -> nnx.State:
     Raises:
       ValueError: an adapter that cannot be merged (its delta depends on the token).
     """
-    from ept_jax.nn import TRAINABLE
+    from ept_jax.core.params import TRAINABLE
 
     # nnx.merge reuses the Variables of the states it is given: rebuild them, so that adding the deltas below
     # never writes into the caller's frozen state (outside jit the arrays would otherwise be replaced in place).

@@ -17,7 +17,6 @@ markdown table (``OUT/table.md``) gives each point's last held-out loss, mean ov
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import logging
 import sys
@@ -25,21 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from train.configuration import apply, parse_assignments  # noqa: F401 (re-exported: train.sweep.apply)
 from train.errors import EXIT_USER_ERROR, USER_ERRORS, one_line
-
-
-def parse_assignments(text: str) -> dict[str, Any]:
-    """``"a.b=1 c='x'"`` -> ``{"a.b": 1, "c": "x"}`` (values are Python literals; a bare word is a string)."""
-    out = {}
-    for item in text.split():
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{item!r}: expected KEY=VALUE, e.g. train.learning_rate=1e-3")
-        try:
-            out[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key] = raw
-    return out
 
 
 def parse_run(text: str) -> tuple[str, dict[str, Any]]:
@@ -49,21 +35,6 @@ def parse_run(text: str) -> tuple[str, dict[str, Any]]:
     if not sep or not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
         raise ValueError(f"--run {text!r}: expected 'NAME: KEY=VALUE ...' with a name of letters, digits, _-.")
     return name, parse_assignments(rest)
-
-
-def apply(config, assignments: dict[str, Any]) -> None:
-    """Sets each dotted key of ``assignments`` in ``config`` (an existing key only: a typo is an error)."""
-    with config.unlocked():
-        for key, value in assignments.items():
-            node = config
-            *path, last = key.split(".")
-            for part in path:
-                if part not in node:
-                    raise ValueError(f"the config has no key {key!r}")
-                node = node[part]
-            if last not in node:
-                raise ValueError(f"the config has no key {key!r}")
-            node[last] = tuple(value) if isinstance(value, list) else value
 
 
 def curves(workdir: Path) -> dict[str, list]:
@@ -144,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "orbax", "jax._src", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from train import compile_cache, loop
-    from train.main import load_config_file
+    from train.configuration import load_config_file
 
     compile_cache.enable()
 

@@ -40,8 +40,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from ept_jax.adapters.base import AdaptedLinear, adapted_linears
 from ept_jax.checkpoints import hf
-from ept_jax.nn import AdaptedLinear, adapted_linears
 
 FORMATS = ("merged", "peft")
 # Output dtypes by name; "base" (the dtype the base's config.json declares) resolves to one of these.
@@ -67,8 +67,8 @@ class ExportError(ValueError):
 
 def family(model: nnx.Module) -> str:
     """``"t5"`` or ``"llama"``: the family of an ept_jax model (by its config class)."""
-    from ept_jax.models.llama_config import LlamaConfig
-    from ept_jax.models.t5_config import T5Config
+    from ept_jax.models.llama.config import LlamaConfig
+    from ept_jax.models.t5.config import T5Config
 
     cfg = getattr(model, "cfg", None)
     if isinstance(cfg, T5Config):

@@ -335,7 +335,7 @@ def write_gguf(
 
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype={dtype!r} is not supported for GGUF export; accepted: 'float32', 'float16'")
-    from ept_jax.models.llama_config import LlamaConfig
+    from ept_jax.models.llama.config import LlamaConfig
 
     cfg = LlamaConfig.from_hf(config)
     if cfg.rope_scaling.rope_type not in ("default", "linear"):

@@ -33,7 +33,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from ept_jax.nn import AdapterParam
+from ept_jax.core.params import AdapterParam
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "flax_model.msgpack", "pytorch_model.bin")
 

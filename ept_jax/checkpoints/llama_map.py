@@ -10,7 +10,7 @@ go through this same table.
 from __future__ import annotations
 
 from ept_jax.checkpoints.hf import Rule, identity, transpose
-from ept_jax.models.llama_config import LlamaConfig
+from ept_jax.models.llama.config import LlamaConfig
 
 # Buffers older transformers versions saved with the weights: recomputed from the config, never read.
 HF_IGNORE: tuple[str, ...] = (r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$",)

@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ept_jax.adapters import EPTAdapter
+from ept_jax.adapters.base import adapted_linears
+from ept_jax.adapters.ept import EPTAdapter
 from ept_jax.checkpoints import hf
-from ept_jax.nn import AdapterParam, adapted_linears
+from ept_jax.core.params import AdapterParam
 
 PREFIX = "base_model.model."
 _KEY = re.compile(
@@ -145,7 +146,8 @@ def _key_of(path: str, entry: str, e: int | None = None) -> str:
 
 
 def load_reference_adapter(model: nnx.Module, directory: str, strict: bool = True) -> list[str]:
-    """Assigns a release adapter's tensors to every :class:`~ept_jax.nn.AdaptedLinear` of ``model``, in place.
+    """Assigns a release adapter's tensors to every :class:`~ept_jax.adapters.base.AdaptedLinear` of ``model``, in
+    place.
 
     Each adapted Linear is matched by its ``name`` (the Hugging Face module path) and must hold an
     :class:`EPTAdapter` of the reference variant with ALP on (the release's layout). Nothing is assigned unless
@@ -304,9 +306,10 @@ def model_from_reference(
       ExportError: missing files or settings, or kernel sizes that contradict the file.
       ValueError / CheckpointError: the adapter does not fit the base (named by ``load_reference_adapter``).
     """
-    from ept_jax.adapters import AdapterConfig
+    from ept_jax.adapters.config import AdapterConfig
+    from ept_jax.adapters.inject import Injection
     from ept_jax.checkpoints.export import ExportError
-    from ept_jax.nn import Injection
+    from ept_jax.checkpoints.load import from_pretrained
 
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
@@ -355,8 +358,9 @@ def model_from_reference(
         param_dtype=dtype,
     )
     targets = tuple(sorted({path.rsplit(".", 1)[-1] for path in modules}))
-    model = _base_with_abstract_adapters(
-        base, Injection(adapter=cfg, targets=targets, contrastive_stacks=tuple(contrastive_stacks)), dtype)
+    # the release's tensors replace every adapter parameter: the adapters are left abstract, not initialised
+    injection = Injection(adapter=cfg, targets=targets, contrastive_stacks=tuple(contrastive_stacks))
+    model = from_pretrained(base, injection=injection, dtype=dtype, param_dtype=dtype, abstract_adapters=True)
     load_reference_adapter(model, str(adapter_dir))
     abstract = [
         hf.path_str(p)
@@ -366,37 +370,3 @@ def model_from_reference(
     if abstract:  # load_reference_adapter is strict, so this would be a bug, not a user error
         raise RuntimeError(f"parameters left unset after loading the reference adapter: {abstract[:5]}")
     return model, n_rows
-
-
-def _base_with_abstract_adapters(base: str | os.PathLike, injection, dtype: str) -> nnx.Module:
-    """``base`` loaded strictly with ``injection``'s adapters left abstract (``jax.ShapeDtypeStruct``).
-
-    The release's tensors replace every adapter parameter, so initialising them first (which compiles an
-    initialiser for the whole model) would be spent for nothing; ``load_reference_adapter`` fills abstract
-    variables.
-    """
-    from ept_jax.models import family_of
-
-    model_dir = hf.resolve_model_dir(base)
-    config = hf.read_config(model_dir)
-    if family_of(config.get("model_type", "")) == "t5":
-        from ept_jax.checkpoints.t5_map import hf_ignore, hf_rules
-        from ept_jax.models.t5 import T5Config as Config
-        from ept_jax.models.t5 import T5Model as Model
-    else:
-        from ept_jax.checkpoints.llama_map import hf_ignore, hf_rules
-        from ept_jax.models.llama import LlamaConfig as Config
-        from ept_jax.models.llama import LlamaModel as Model
-    try:
-        cfg = Config.from_hf(config)
-    except ValueError as e:
-        raise hf.CheckpointError(f"{model_dir}: {e}") from e
-    tensors = hf.read_tensors(model_dir)
-    abstract = nnx.eval_shape(
-        lambda: Model(cfg, injection=injection, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
-    )
-    graphdef, base_state, rest = nnx.split(abstract, nnx.All(nnx.Param, nnx.Not(AdapterParam)), ...)
-    base_state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), base_state)
-    model = nnx.merge(graphdef, base_state, rest)
-    hf.load_into(model, tensors, hf_rules(cfg), ignore=hf_ignore(cfg), source=str(model_dir))
-    return model

@@ -15,12 +15,8 @@ they are the same matrix and are accepted as alternatives or ignored, as transfo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ept_jax.checkpoints.hf import Rule, identity, transpose
-
-if TYPE_CHECKING:  # the config module imports nothing from here; the guard keeps the import graph one-way
-    from ept_jax.models.t5_config import T5Config
+from ept_jax.models.t5.config import T5Config, ff_linears
 
 # transformers' ``_keys_to_ignore_on_load_unexpected`` for T5: a bias table some old exports carry although
 # cross-attention never uses one.
@@ -30,11 +26,6 @@ HF_IGNORE: tuple[str, ...] = (
 
 ATTENTION_LINEARS = ("q", "k", "v", "o")
 ALL_LINEARS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
-
-
-def ff_linears(cfg: T5Config) -> tuple[str, ...]:
-    """The feed-forward Linears of ``cfg``: ``(wi_0, wi_1, wo)`` when gated, else ``(wi, wo)``."""
-    return ("wi_0", "wi_1", "wo") if cfg.is_gated else ("wi", "wo")
 
 
 def linear_names(cfg: T5Config | None = None) -> list[str]:

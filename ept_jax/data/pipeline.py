@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ept_jax.data.tasks import TaskData, get_task
+from ept_jax.data.spec import TaskData, get_task
 
 
 def load_task(
@@ -31,7 +31,7 @@ def load_task(
     if prompt_format != "letters" and spec.family != "commonsense":
         raise ValueError(f"prompt_format={prompt_format!r}: task {name!r} ({spec.family}) has only 'letters'")
     if spec.family == "glue":
-        from ept_jax.data.glue import DEFAULT_GLUE_SOURCE, load_glue_task
+        from ept_jax.data.tasks.glue import DEFAULT_GLUE_SOURCE, load_glue_task
 
         return load_glue_task(
             name,
@@ -41,7 +41,7 @@ def load_task(
             max_train_examples=max_train_examples,
         )
     if spec.family == "commonsense":
-        from ept_jax.data.commonsense import load_commonsense_task
+        from ept_jax.data.tasks.commonsense import load_commonsense_task
 
         return load_commonsense_task(
             name,
@@ -52,7 +52,7 @@ def load_task(
             prompt_format=prompt_format,
         )
     if spec.family == "synthetic":
-        from ept_jax.data.synthetic import load_synthetic_task
+        from ept_jax.data.tasks.synthetic import load_synthetic_task
 
         if protocol is not None or source is not None:
             raise ValueError(f"synthetic task {name!r} takes no protocol / source (got {protocol!r}, {source!r})")

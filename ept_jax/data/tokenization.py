@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ept_jax.data.tasks import Example
+from ept_jax.data.spec import Example
 
 logger = logging.getLogger(__name__)
 

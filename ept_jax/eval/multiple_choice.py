@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ept_jax.losses import token_nll
-from ept_jax.nn import TRAINABLE, AdapterContext
+from ept_jax.core.losses import token_nll
+from ept_jax.core.params import TRAINABLE, AdapterContext
 
 Array = jax.Array
 

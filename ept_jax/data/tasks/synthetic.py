@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ept_jax.data.loading import check_dataset, format_dataset
-from ept_jax.data.tasks import Example, TaskData, TaskSpec, get_task, label_word_parser, parse_exact, register_task
+from ept_jax.data.spec import Example, TaskData, TaskSpec, get_task, label_word_parser, parse_exact
 
 SYNTHETIC_TASKS = ("syn_copy", "syn_reverse", "syn_sort", "syn_sentiment")
 # Different sizes on purpose: the task samplers' probabilities depend on them.
@@ -60,10 +60,12 @@ def _formatter(task: str):
     return format_row
 
 
-def _register() -> None:
+def task_specs() -> list[TaskSpec]:
+    """The family's task specs (registered by :mod:`ept_jax.data.tasks`)."""
+    specs = []
     for task in SYNTHETIC_TASKS:
         words = ("negative", "positive") if task == "syn_sentiment" else None
-        register_task(
+        specs.append(
             TaskSpec(
                 name=task,
                 family="synthetic",
@@ -73,12 +75,9 @@ def _register() -> None:
                 metric_names=("accuracy",),
                 headline_metric="accuracy",
                 parse=label_word_parser(words) if words else parse_exact,
-            ),
-            overwrite=True,
+            )
         )
-
-
-_register()
+    return specs
 
 
 def _draw(task: str, rng: np.random.Generator) -> str:

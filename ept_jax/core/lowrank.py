@@ -1,6 +1,6 @@
 """Low-rank products on activations with a hand-written backward: ``y = (x @ P) @ Q`` (shared or per-example Q).
 
-Every adapter fast path (LoRA; EPT's expansions, :func:`ept_jax.pyramid_fast.forward_fast`) is two thin
+Every adapter fast path (LoRA; EPT's expansions, :func:`ept_jax.adapters.pyramid_fast.forward_fast`) is two thin
 matmuls on the activations. Their automatic transpose computes the first factor's gradient as
 ``x.T @ (g @ Q.T)``: the big activation ``x (T, d_in)`` is the *left* operand contracted over its major (token)
 axis, and XLA's CPU backend materialises ``x.T`` for it, fusing whatever produced ``x`` (dropout's random bits,

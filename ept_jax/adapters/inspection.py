@@ -10,7 +10,8 @@ from collections import defaultdict
 
 from flax import nnx
 
-from ept_jax.nn import AdaptedLinear, AdapterParam
+from ept_jax.adapters.base import AdaptedLinear
+from ept_jax.core.params import AdapterParam
 
 # Attribute names of adapter parameters -> the kind reported. Names not listed fall under "other".
 KIND_OF_ATTRIBUTE = {

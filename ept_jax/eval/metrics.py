@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ept_jax.data.tasks import get_task, normalize_text
+from ept_jax.data.spec import get_task, normalize_text
 
 AVERAGE_MODES = ("paper", "release")
 _RELEASE_AVERAGED = ("accuracy", "mcc", "pearson")

@@ -192,3 +192,8 @@ class T5Config:
             "dropout_rate": 0.0,
             "torch_dtype": "float32",
         }
+
+
+def ff_linears(cfg: T5Config) -> tuple[str, ...]:
+    """The feed-forward Linears of ``cfg``: ``(wi_0, wi_1, wo)`` when gated, else ``(wi, wo)``."""
+    return ("wi_0", "wi_1", "wo") if cfg.is_gated else ("wi", "wo")

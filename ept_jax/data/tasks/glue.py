@@ -14,15 +14,14 @@ import logging
 
 from ept_jax.data import splits as splits_lib
 from ept_jax.data.loading import check_dataset, format_dataset, load_split
-from ept_jax.data.tasks import (
+from ept_jax.data.spec import (
     Example,
     TaskData,
     TaskSpec,
     get_task,
     label_word_parser,
     parse_score,
-    register_task,
-)
+    )
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +89,9 @@ def _formatter(task: str):
     return format_row
 
 
-def _register() -> None:
+def task_specs() -> list[TaskSpec]:
+    """The family's task specs (registered by :mod:`ept_jax.data.tasks`)."""
+    specs = []
     for task in GLUE_TASKS:
         words = GLUE_LABEL_WORDS.get(task)
         if task == "cola":
@@ -101,7 +102,7 @@ def _register() -> None:
             metrics, headline = ("f1", "accuracy"), "accuracy"
         else:
             metrics, headline = ("accuracy",), "accuracy"
-        register_task(
+        specs.append(
             TaskSpec(
                 name=task,
                 family="glue",
@@ -112,12 +113,9 @@ def _register() -> None:
                 headline_metric=headline,
                 parse=parse_score if words is None else label_word_parser(words),
                 positive_label=words[1] if task in ("mrpc", "qqp") else None,
-            ),
-            overwrite=True,
+            )
         )
-
-
-_register()
+    return specs
 
 
 class _SplitCache:

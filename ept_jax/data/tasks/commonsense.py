@@ -35,16 +35,15 @@ import importlib.util
 import os
 
 from ept_jax.data.loading import check_dataset, format_dataset, load_split
-from ept_jax.data.splits import half_split
-from ept_jax.data.tasks import (
+from ept_jax.data.spec import (
     Example,
     TaskData,
     TaskSpec,
     choice_letter_parser,
     get_task,
     parse_yes_no,
-    register_task,
 )
+from ept_jax.data.splits import half_split
 
 COMMONSENSE_TASKS = ("boolq", "arc_e", "arc_c", "openbookqa", "piqa")
 LETTERS = "ABCDE"
@@ -179,9 +178,11 @@ def _format_piqa(row) -> Example:
     )
 
 
-def _register() -> None:
+def task_specs() -> list[TaskSpec]:
+    """The family's task specs (registered by :mod:`ept_jax.data.tasks`)."""
+    specs = []
     common = dict(family="commonsense", metric_names=("accuracy",), headline_metric="accuracy")
-    register_task(
+    specs.append(
         TaskSpec(
             name="boolq",
             required_columns=("passage", "question", "answer"),
@@ -189,15 +190,14 @@ def _register() -> None:
             label_words=("no", "yes"),
             parse=parse_yes_no,
             **common,
-        ),
-        overwrite=True,
+        )
     )
     for task, prefix, question in (
         ("arc_e", "arc", "question"),
         ("arc_c", "arc", "question"),
         ("openbookqa", "openbookqa", "question_stem"),
     ):
-        register_task(
+        specs.append(
             TaskSpec(
                 name=task,
                 required_columns=(question, "choices", "answerKey"),
@@ -205,10 +205,9 @@ def _register() -> None:
                 label_words=tuple(LETTERS),
                 parse=choice_letter_parser(LETTERS),
                 **common,
-            ),
-            overwrite=True,
+            )
         )
-    register_task(
+    specs.append(
         TaskSpec(
             name="piqa",
             required_columns=("goal", "sol1", "sol2", "label"),
@@ -216,12 +215,9 @@ def _register() -> None:
             label_words=("A", "B"),
             parse=choice_letter_parser("AB"),
             **common,
-        ),
-        overwrite=True,
+        )
     )
-
-
-_register()
+    return specs
 
 
 def _check_format(prompt_format: str) -> None:

@@ -1,6 +1,6 @@
 """Device meshes and the one table that maps logical axis names onto them (t5x style: sharding as data).
 
-Every parameter carries logical axis names (``ept_jax.nn.param``). :data:`LOGICAL_RULES` maps each name onto
+Every parameter carries logical axis names (``ept_jax.core.params.param``). :data:`LOGICAL_RULES` maps each name onto
 mesh axes of a mesh with axes ``("data", "fsdp", "tensor")``:
 
 * ``batch`` is split over ``data`` and ``fsdp`` (both are data parallel for activations);
@@ -22,7 +22,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ept_jax.nn import logical_axes
+from ept_jax.core.params import logical_axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

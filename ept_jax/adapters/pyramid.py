@@ -21,7 +21,7 @@ A task ``t`` mixes its experts with dense weights ``w[t]`` (:func:`route`: zeros
 delta is ``dW[t] = sum_e w[t, e] * dW_e`` (the adapter folds its ``alpha / r`` scale and any per-expert
 scaling into ``w``). Every expansion is linear in ``K_e``, so experts that share a kernel size (and, with ALP,
 their seed slice) are combined *before* expanding, through the effective kernel
-``Keff_k = sum_{e: k_e = k} w[e] K_e``. The fast training paths (:mod:`ept_jax.pyramid_fast`) never
+``Keff_k = sum_{e: k_e = k} w[e] K_e``. The fast training paths (:mod:`ept_jax.adapters.pyramid_fast`) never
 materialise ``dW`` and cost about what a LoRA of the same rank costs (reference) or ``r * (d_in + d_out)`` per
 distinct kernel size (paper).
 
@@ -29,7 +29,7 @@ Paths provided for both expansions, all exact to rounding (see ``tests/test_pyra
 
 * definition with ``jax.lax.conv_transpose`` (:func:`expert_delta` with ``method="conv"``);
 * explicit materialised deltas (:func:`expert_delta`, :func:`mixture_delta`, :func:`forward_materialized`);
-* the fast path (:func:`ept_jax.pyramid_fast.forward_fast`, in its own module);
+* the fast path (:func:`ept_jax.adapters.pyramid_fast.forward_fast`, in its own module);
 * exact low-rank factors for PEFT export (:func:`lora_factors`).
 
 Also here: task routing (:func:`route`), the per-expert ``d_t / T`` scaling option (:func:`expert_scales`) and

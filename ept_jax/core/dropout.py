@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ept_jax.nn import AdapterContext
+from ept_jax.core.params import AdapterContext
 
 Array = jax.Array
 

@@ -1,6 +1,7 @@
-"""EPT's fast training paths: the adapter output of :mod:`ept_jax.pyramid`'s formula, never materialising ``dW``.
+"""EPT's fast training paths: the adapter output of :mod:`ept_jax.adapters.pyramid`'s formula, never materialising
+``dW``.
 
-:mod:`ept_jax.pyramid` states the method (ALP slices, both expansions, routing, the materialised deltas); this
+:mod:`ept_jax.adapters.pyramid` states the method (ALP slices, both expansions, routing, the materialised deltas); this
 module computes the same ``y[b] = x[b] @ dW[t_b].T`` in the order that is cheap on activations, exact to rounding
 (``tests/test_pyramid_fast.py`` checks values and every parameter gradient against the definitions).
 
@@ -23,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ept_jax.lowrank import lowrank_both_per_example, lowrank_per_example, thin_matmul
-from ept_jax.pyramid import Pyramid, effective_kernel, expert_seed, group_seed, reference_expert_factors
+from ept_jax.adapters.pyramid import Pyramid, effective_kernel, expert_seed, group_seed, reference_expert_factors
+from ept_jax.core.lowrank import lowrank_both_per_example, lowrank_per_example, thin_matmul
 
 Array = jax.Array
 
@@ -128,7 +129,8 @@ def paper_dense_factors(p: Pyramid, A, B, kernels: Sequence[Array], weights: Arr
     """The paper expansion of ``groups`` as one low-rank product ``y[b] = (x[b] @ P) @ Q[b]``, no transposes.
 
     Group ``g`` (kernel size ``k``, seed ``A_g (r, m)``, ``B_g (h, r)``, ``m k = d_in``, ``h k = d_out``) is
-    ``Z (x) Keff`` with ``Z = B_g A_g``; by the mixed-product rule (as in :func:`ept_jax.pyramid.paper_expert_factors`)
+    ``Z (x) Keff`` with ``Z = B_g A_g``; by the mixed-product rule (as in
+    :func:`ept_jax.adapters.pyramid.paper_expert_factors`)
     ``Z (x) Keff = (B_g (x) Keff) @ (A_g (x) I_k)``, so ``P`` stacks ``(A_g (x) I_k).T`` and ``Q[b]`` stacks
     ``(B_g (x) Keff[b]).T``. The projection has width ``r * sum k``: ``k`` times a thin product's arithmetic per
     group, for which the activations are read once, in their layout.
@@ -154,7 +156,7 @@ def paper_forward(
     times the arithmetic of a thin product, activations read once in their layout). Larger ``k``, group by
     group: ``y = B_g @ ((A_g @ X) @ Keff^T)`` with ``X = x`` viewed as ``(m, k)``, i.e. ``y[c*k + j] = sum_{i,l}
     (B_g A_g)[c, i] Keff[j, l] x[i*k + l]``; ``X`` is transposed to ``(k, m)`` so both products are thin
-    matmuls over a minor axis (:func:`ept_jax.lowrank.thin_matmul`, whose backward never transposes the big
+    matmuls over a minor axis (:func:`ept_jax.core.lowrank.thin_matmul`, whose backward never transposes the big
     operands) and the ``k x k`` mix is a per-example batched product on the small ``(k, r)`` tensor.
 
     Args:

@@ -8,13 +8,13 @@ folds ``index + ctx.index_offset`` into the dropout key and the scan passes ``of
 layer)``, the unrolled model's indices (checked).
 
 Layers qualify when they are the same program: equal graph structure (module types, static attributes,
-Variable types, shapes and dtypes) except each :class:`~ept_jax.nn.AdaptedLinear`'s ``name`` (not read in the
+Variable types, shapes and dtypes) except each :class:`~ept_jax.adapters.base.AdaptedLinear`'s ``name`` (not read in the
 forward) and ``index`` (which must step by the same amount from layer to layer). Otherwise, with fewer than two
 layers, with a KV cache or with ``enabled=False``, the layers run unrolled as before.
 
 What the scan iterates over:
 
-* the adapters' trainable leaves (:data:`~ept_jax.nn.TRAINABLE`) are stacked (``jnp.stack`` inside the jitted
+* the adapters' trainable leaves (:data:`~ept_jax.core.params.TRAINABLE`) are stacked (``jnp.stack`` inside the jitted
   function; the gradient of a layer's leaf is its slice of the stacked gradient): small;
 * the frozen leaves (base kernels, norms) are *selected*, not stacked: iteration ``i`` takes layer ``i``'s arrays
   with ``jax.lax.switch`` (one branch per layer), and the body is a ``jax.checkpoint`` whose policy
@@ -26,8 +26,9 @@ What the scan iterates over:
   is a copy of one layer's frozen weights per iteration into the switch's result, forward and backward, and on
   a GPU a conditional per iteration (not measured here: no GPU was available).
 
-Auxiliary losses (:class:`~ept_jax.nn.AuxLoss`, EPT's contrastive loss) sown inside the scan are re-sown, one
-scalar per layer and loss, on the ``owner`` module, so :func:`ept_jax.nn.pop_aux_losses` returns the same set of
+Auxiliary losses (:class:`~ept_jax.core.params.AuxLoss`, EPT's contrastive loss) sown inside the scan are re-sown, one
+scalar per layer and loss, on the ``owner`` module, so :func:`ept_jax.core.params.pop_aux_losses` returns the same
+set of
 values (in another order; the trainer averages them).
 """
 
@@ -41,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ept_jax.nn import TRAINABLE, AdaptedLinear, AdapterContext, AuxLoss
+from ept_jax.adapters.base import AdaptedLinear
+from ept_jax.core.params import TRAINABLE, AdapterContext, AuxLoss
 
 #: attributes of an AdaptedLinear that may differ between scanned layers (see the module docstring)
 _PER_LAYER = ("name", "index")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ept_jax.nn import AdapterContext
+from ept_jax.core.params import AdapterContext
 
 Array = jax.Array
 

@@ -3,7 +3,8 @@
 A :class:`TaskSpec` says how a raw row (a ``datasets`` row, a dict) becomes an :class:`Example`
 (``source`` prompt and ``target`` answer text), which columns the raw rows must have, the closed label
 vocabulary (if any), the metrics, and how generated text is parsed back into a label. GLUE, the commonsense
-tasks and the synthetic smoke tasks all register here, so configs name tasks as strings and every family goes
+tasks and the synthetic smoke tasks (:mod:`ept_jax.data.tasks`) all register here, so configs name tasks as
+strings and every family goes
 through the same tokenization, batching and metric code.
 """
 
@@ -45,7 +46,7 @@ class TaskSpec:
       format_row: raw row (mapping column -> value) -> :class:`Example`.
       label_words: the closed answer vocabulary in class-index order (index ``i`` is GLUE label ``i``), or
         None for open answers (STS-B scores, synthetic strings).
-      metric_names: metrics :func:`ept_jax.metrics.compute_task_metrics` reports, e.g. ``("f1", "accuracy")``.
+      metric_names: metrics :func:`ept_jax.eval.metrics.compute_task_metrics` reports, e.g. ``("f1", "accuracy")``.
       headline_metric: the one metric the release's trainer averaged for this task.
       parse: generated text -> canonical answer: a label word, a float (regression) or a normalised string;
         None when the text cannot be parsed (counted wrong by the metrics).
@@ -88,15 +89,8 @@ def register_task(spec: TaskSpec, *, overwrite: bool = False) -> TaskSpec:
     return spec
 
 
-def _ensure_builtin_tasks() -> None:
-    # The family modules register their tasks on import; importing them here (not at module top) keeps
-    # tasks.py free of import cycles while still making every built-in name resolvable.
-    from ept_jax.data import commonsense, glue, synthetic  # noqa: F401
-
-
 def get_task(name: str) -> TaskSpec:
     """The :class:`TaskSpec` registered as ``name``; an unknown name raises listing the accepted ones."""
-    _ensure_builtin_tasks()
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"unknown task {name!r}; accepted tasks: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
@@ -104,7 +98,6 @@ def get_task(name: str) -> TaskSpec:
 
 def task_names(family: str | None = None) -> list[str]:
     """Registered task names (optionally only one ``family``), sorted."""
-    _ensure_builtin_tasks()
     return sorted(n for n, s in _REGISTRY.items() if family is None or s.family == family)
 
 

@@ -1,10 +1,12 @@
-"""The T5 family (T5 v1.0, T5 v1.1, Flan-T5, mT5) in flax NNX, with adapters injected into chosen Linears.
+"""The T5 family (T5 v1.0, T5 v1.1, Flan-T5, mT5) in flax NNX, plain: adapters are applied to a built model
+(:func:`ept_jax.adapters.inject.inject`).
 
 The module tree mirrors transformers' ``T5ForConditionalGeneration`` (``shared``, ``encoder.block.{i}.layer.0.
 SelfAttention.q`` ..., ``decoder.block.{i}.layer.1.EncDecAttention.k``,
 ``decoder.block.{i}.layer.2.DenseReluDense.wi_0``, ``{encoder,decoder}.final_layer_norm``, ``lm_head``), so
 parameter paths, adapted-Linear names and Hugging Face tensor names coincide (mapping table:
-``ept_jax.checkpoints.t5_map``). It computes what transformers computes:
+``ept_jax.checkpoints.t5_map``; loading: :func:`ept_jax.checkpoints.load.from_pretrained`). It computes what
+transformers computes:
 
 * relative position bias: a ``(buckets, heads)`` table held by the first block of each stack and shared by all
   of its blocks (bidirectional buckets in the encoder, causal ones in the decoder; cross-attention has none);
@@ -25,64 +27,29 @@ float32's exponent range, so it does not overflow where float32 does not, but it
 large activations coarse; as transformers does for float16, every sublayer output in a non-float32 compute dtype
 is clamped to the dtype's finite range so an overflow cannot turn into inf/NaN further on.
 
-Generation (greedy, KV cache, one compiled program per shape) lives in ``ept_jax.models.t5_generate`` and is
+Generation (greedy, KV cache, one compiled program per shape) lives in ``ept_jax.models.t5.generation`` and is
 re-exported here as :func:`generate`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from ept_jax import layer_scan
-from ept_jax.checkpoints.hf import CheckpointError, load_into, read_config, read_tensors, resolve_model_dir
-from ept_jax.checkpoints.t5_map import ff_linears, hf_ignore, hf_rules, linear_names
-from ept_jax.models.t5_config import T5Config
-from ept_jax.models.t5_generate import generate
-from ept_jax.nn import (
-    AdaptedLinear,
-    AdapterContext,
-    AdapterParam,
-    Injection,
-    Injector,
-    KeyStream,
-    Linear,
-    adapted_linears,
-    param,
-)
+from ept_jax.core.linear import Linear
+from ept_jax.core.params import AdapterContext, KeyStream
+from ept_jax.models import layer_scan
+from ept_jax.models.layers import Embedding, RMSNorm, accum_dtype, apply_linear, compute_dtype
+from ept_jax.models.t5.config import T5Config, ff_linears
+from ept_jax.models.t5.generation import generate
 
-__all__ = [
-    "T5Config", "T5Model", "T5Cache", "from_pretrained", "generate", "linear_names", "hf_rules",
-    "relative_position_bucket",
-]
+__all__ = ["T5Config", "T5Model", "T5Cache", "generate", "relative_position_bucket"]
 
 Array = jax.Array
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite, so a fully masked row gives a uniform softmax, not NaN
-
-
-def _dtype(name, what: str):
-    if name not in DTYPES:
-        raise ValueError(f"{what}={name!r} is not supported; accepted: {sorted(DTYPES)}")
-    if name == "float64" and not jax.config.jax_enable_x64:
-        raise ValueError(f"{what}='float64' needs jax_enable_x64 (jax.config.update('jax_enable_x64', True)); "
-                         "without it JAX computes in float32")
-    return DTYPES[name]
-
-
-def _apply(lin: Linear | AdaptedLinear, x: Array, ctx: AdapterContext | None) -> Array:
-    """Calls a frozen or adapted Linear the same way (only adapted ones take the context)."""
-    return lin(x, ctx) if isinstance(lin, AdaptedLinear) else lin(x)
-
-
-def accum_dtype(dtype):
-    """The dtype of norms, softmaxes and logits: float32, or float64 when computing in float64 (exact tests)."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _clamp(h: Array) -> Array:
@@ -125,60 +92,27 @@ def relative_position_bucket(
     return buckets + jnp.where(is_small, rel, large)
 
 
-def _norm(cfg: T5Config, dtype, param_dtype) -> T5LayerNorm:
-    return T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype)
-
-
-class T5LayerNorm(nnx.Module):
-    """T5 layer norm: ``weight * x / sqrt(mean(x^2) + eps)`` computed in float32, no mean, no bias."""
-
-    def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
-        self.weight = param(jnp.ones((dim,), param_dtype), ("embed",))
-        self.eps = eps
-        self.dtype = dtype
-
-    def __call__(self, x: Array) -> Array:
-        """``x (..., dim)`` -> ``(..., dim)`` in the compute dtype."""
-        h = x.astype(accum_dtype(x.dtype))
-        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(self.dtype) * h.astype(self.dtype)
-
-
-class T5Embedding(nnx.Module):
-    """A lookup table ``embedding (num, dim)``: the shared token embeddings or a relative bias table."""
-
-    def __init__(self, num: int, dim: int, axes: tuple[str, str], std: float, *, dtype, param_dtype,
-                 rngs: nnx.Rngs):
-        self.embedding = param(std * jax.random.normal(rngs.params(), (num, dim), param_dtype), axes)
-        self.dtype = dtype
-
-    def __call__(self, ids: Array) -> Array:
-        """``ids (...)`` int -> ``(..., dim)`` in the compute dtype."""
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
-
-    def attend(self, x: Array) -> Array:
-        """``x (B, L, dim)`` -> ``(B, L, num)`` against the table (the tied output projection)."""
-        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+def _norm(cfg: T5Config, dtype, param_dtype) -> RMSNorm:
+    return RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype)
 
 
 class T5Attention(nnx.Module):
     """Multi-head attention (self or cross) with T5's unscaled scores and an optional relative bias table."""
 
-    def __init__(self, cfg: T5Config, path: str, stack: str, injector: Injector, *, relative_bias: bool,
+    def __init__(self, cfg: T5Config, *, relative_bias: bool,
                  dtype, param_dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         e, inner = cfg.d_model, cfg.inner_dim
 
         def linear(name, d_in, d_out, axes):
-            return injector(name, f"{path}.{name}", stack, d_in, d_out, axes=axes,
-                            param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+            return Linear(d_in, d_out, axes=axes, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
 
         self.q = linear("q", e, inner, ("embed", "joined_kv"))
         self.k = linear("k", e, inner, ("embed", "joined_kv"))
         self.v = linear("v", e, inner, ("embed", "joined_kv"))
         self.o = linear("o", inner, e, ("joined_kv", "embed"))
-        self.relative_attention_bias = T5Embedding(
-            cfg.relative_attention_num_buckets, cfg.num_heads, ("rel_buckets", "heads"), e**-0.5,
+        self.relative_attention_bias = Embedding(
+            cfg.relative_attention_num_buckets, cfg.num_heads, axes=("rel_buckets", "heads"), std=e**-0.5,
             dtype=accum_dtype(dtype), param_dtype=param_dtype, rngs=rngs,
         ) if relative_bias else None
 
@@ -199,7 +133,7 @@ class T5Attention(nnx.Module):
         """Keys and values ``(B, S, heads, d_kv)`` of ``x (B, S, d_model)`` (cross-attention caches them)."""
         b, s, _ = x.shape
         shape = (b, s, self.cfg.num_heads, self.cfg.d_kv)
-        return _apply(self.k, x, ctx).reshape(shape), _apply(self.v, x, ctx).reshape(shape)
+        return apply_linear(self.k, x, ctx).reshape(shape), apply_linear(self.v, x, ctx).reshape(shape)
 
     def __call__(
         self,
@@ -228,7 +162,7 @@ class T5Attention(nnx.Module):
         """
         cfg = self.cfg
         b, length, _ = x.shape
-        q = _apply(self.q, x, ctx).reshape(b, length, cfg.num_heads, cfg.d_kv)
+        q = apply_linear(self.q, x, ctx).reshape(b, length, cfg.num_heads, cfg.d_kv)
         k, v = kv if kv is not None else self.project_kv(x if kv_input is None else kv_input, ctx)
         if cache is not None:
             start = (0, index, 0, 0)
@@ -241,39 +175,36 @@ class T5Attention(nnx.Module):
         scores = jnp.where(mask[:, None], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhls,bshd->blhd", probs, v).reshape(b, length, cfg.inner_dim)
-        return _apply(self.o, out, ctx), cache
+        return apply_linear(self.o, out, ctx), cache
 
 
 class T5DenseReluDense(nnx.Module):
     """The feed-forward net: ``wo(act(wi(x)))`` or, gated, ``wo(act(wi_0(x)) * wi_1(x))``."""
 
-    def __init__(self, cfg: T5Config, path: str, stack: str, injector: Injector, *, dtype, param_dtype,
+    def __init__(self, cfg: T5Config, *, dtype, param_dtype,
                  rngs: nnx.Rngs):
         self.act = cfg.activation
         self.gated = cfg.is_gated
         for name in ff_linears(cfg):
             d_in, d_out, axes = (cfg.d_ff, cfg.d_model, ("mlp", "embed")) if name == "wo" else \
                 (cfg.d_model, cfg.d_ff, ("embed", "mlp"))
-            setattr(self, name, injector(name, f"{path}.{name}", stack, d_in, d_out, axes=axes,
-                                         param_dtype=param_dtype, dtype=dtype, rngs=rngs))
+            setattr(self, name, Linear(d_in, d_out, axes=axes, param_dtype=param_dtype, dtype=dtype, rngs=rngs))
 
     def __call__(self, x: Array, ctx: AdapterContext | None) -> Array:
         """``(B, L, d_model)`` -> ``(B, L, d_model)``."""
         if self.gated:
-            h = self.act(_apply(self.wi_0, x, ctx)) * _apply(self.wi_1, x, ctx)
+            h = self.act(apply_linear(self.wi_0, x, ctx)) * apply_linear(self.wi_1, x, ctx)
         else:
-            h = self.act(_apply(self.wi, x, ctx))
-        return _apply(self.wo, h, ctx)
+            h = self.act(apply_linear(self.wi, x, ctx))
+        return apply_linear(self.wo, h, ctx)
 
 
 class T5LayerSelfAttention(nnx.Module):
     """``h + SelfAttention(layer_norm(h))``."""
 
-    def __init__(self, cfg, path, stack, injector, *, relative_bias, dtype, param_dtype, rngs):
+    def __init__(self, cfg, *, relative_bias, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.SelfAttention = T5Attention(
-            cfg, f"{path}.SelfAttention", stack, injector, relative_bias=relative_bias, **kw
-        )
+        self.SelfAttention = T5Attention(cfg, relative_bias=relative_bias, **kw)
         self.layer_norm = _norm(cfg, dtype, param_dtype)
 
     def __call__(self, h, mask, bias, ctx, cache=None, index=0):
@@ -284,11 +215,9 @@ class T5LayerSelfAttention(nnx.Module):
 class T5LayerCrossAttention(nnx.Module):
     """``h + EncDecAttention(layer_norm(h), encoder states)`` (no position bias)."""
 
-    def __init__(self, cfg, path, stack, injector, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg, *, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.EncDecAttention = T5Attention(
-            cfg, f"{path}.EncDecAttention", stack, injector, relative_bias=False, **kw
-        )
+        self.EncDecAttention = T5Attention(cfg, relative_bias=False, **kw)
         self.layer_norm = _norm(cfg, dtype, param_dtype)
 
     def __call__(self, h, mask, ctx, *, encoder_states=None, kv=None):
@@ -299,9 +228,8 @@ class T5LayerCrossAttention(nnx.Module):
 class T5LayerFF(nnx.Module):
     """``h + DenseReluDense(layer_norm(h))``."""
 
-    def __init__(self, cfg, path, stack, injector, *, dtype, param_dtype, rngs):
-        self.DenseReluDense = T5DenseReluDense(cfg, f"{path}.DenseReluDense", stack, injector, dtype=dtype,
-                                               param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, cfg, *, dtype, param_dtype, rngs):
+        self.DenseReluDense = T5DenseReluDense(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layer_norm = _norm(cfg, dtype, param_dtype)
 
     def __call__(self, h, ctx):
@@ -311,13 +239,12 @@ class T5LayerFF(nnx.Module):
 class T5Block(nnx.Module):
     """One block: self-attention, cross-attention (decoder only), feed-forward; ``layer`` as transformers."""
 
-    def __init__(self, cfg: T5Config, stack: str, i: int, injector: Injector, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg: T5Config, stack: str, i: int, *, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        path = f"{stack}.block.{i}.layer"
-        layers = [T5LayerSelfAttention(cfg, f"{path}.0", stack, injector, relative_bias=i == 0, **kw)]
+        layers = [T5LayerSelfAttention(cfg, relative_bias=i == 0, **kw)]
         if stack == "decoder":
-            layers.append(T5LayerCrossAttention(cfg, f"{path}.1", stack, injector, **kw))
-        layers.append(T5LayerFF(cfg, f"{path}.{len(layers)}", stack, injector, **kw))
+            layers.append(T5LayerCrossAttention(cfg, **kw))
+        layers.append(T5LayerFF(cfg, **kw))
         self.layer = nnx.List(layers)
         self.is_decoder = stack == "decoder"
 
@@ -334,12 +261,12 @@ class T5Block(nnx.Module):
 class T5Stack(nnx.Module):
     """The encoder or decoder: blocks sharing the first block's position bias, then ``final_layer_norm``."""
 
-    def __init__(self, cfg: T5Config, stack: str, injector: Injector, *, dtype, param_dtype, rngs: nnx.Rngs,
+    def __init__(self, cfg: T5Config, stack: str, *, dtype, param_dtype, rngs: nnx.Rngs,
                  scan_layers: bool = True):
         depth = cfg.num_layers if stack == "encoder" else cfg.num_decoder_layers
         self.scan_layers = scan_layers
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.block = nnx.List([T5Block(cfg, stack, i, injector, **kw) for i in range(depth)])
+        self.block = nnx.List([T5Block(cfg, stack, i, **kw) for i in range(depth)])
         self.final_layer_norm = _norm(cfg, dtype, param_dtype)
         self.is_decoder = stack == "decoder"
 
@@ -349,7 +276,7 @@ class T5Stack(nnx.Module):
 
         ``q_pos (L,)`` / ``k_pos (S,)`` are the positions the relative bias is computed from; ``cross_kv`` and
         ``cache`` are per-block tuples (or None). Without them, the blocks after the first (which holds the bias
-        table) run as one scan when ``scan_layers`` (:mod:`ept_jax.layer_scan`).
+        table) run as one scan when ``scan_layers`` (:mod:`ept_jax.models.layer_scan`).
         """
         table_holder = self.block[0].layer[0].SelfAttention
         bias = table_holder.position_bias(q_pos, k_pos, bidirectional=not self.is_decoder)
@@ -386,38 +313,45 @@ class T5Cache:
 
 
 class T5Model(nnx.Module):
-    """A T5-family encoder-decoder language model (transformers' ``T5ForConditionalGeneration``) with
-    adapters.
+    """A T5-family encoder-decoder language model (transformers' ``T5ForConditionalGeneration``).
+
+    Its Linears (``q``, ``k``, ``v``, ``o``, ``wi`` / ``wi_0``, ``wi_1``, ``wo``, in both stacks) are frozen
+    :class:`~ept_jax.core.linear.Linear` s until :func:`ept_jax.adapters.inject.inject` adapts some; ``lm_head`` is
+    never adapted.
 
     Args:
       cfg: the architecture.
-      injection: which Linears (``q``, ``k``, ``v``, ``o``, ``wi`` / ``wi_0``, ``wi_1``, ``wo``, in both
-        stacks) get which adapter; None for the plain model. ``lm_head`` is never adapted.
       dtype / param_dtype: ``"float32"`` or ``"bfloat16"`` (see the module docstring; float32 is the safe
         choice).
       scan_layers: run each stack's blocks after the first as one ``jax.lax.scan`` when there is no decoding
-        cache (:mod:`ept_jax.layer_scan`: the same computation, compiled once instead of once per block).
-      rngs: initialisation keys, ``nnx.Rngs`` or ``ept_jax.nn.KeyStream`` (use the latter under
-        ``nnx.eval_shape``/jit); base weights are random until loaded (see :func:`from_pretrained`).
+        cache (:mod:`ept_jax.models.layer_scan`: the same computation, compiled once instead of once per block).
+      rngs: initialisation keys, ``nnx.Rngs`` or ``ept_jax.core.params.KeyStream`` (use the latter under
+        ``nnx.eval_shape``/jit); base weights are random until loaded
+        (:func:`ept_jax.checkpoints.load.from_pretrained`).
     Raises:
-      ValueError: an unknown dtype name, or an injection target that names no Linear of the model.
+      ValueError: an unknown dtype name.
     """
 
-    def __init__(self, cfg: T5Config, *, injection: Injection | None = None, dtype: str = "float32",
+    #: Linears no adapter targets (the output projection)
+    never_adapted = ("lm_head",)
+
+    def __init__(self, cfg: T5Config, *, dtype: str = "float32",
                  param_dtype: str = "float32", scan_layers: bool = True, rngs: nnx.Rngs | KeyStream):
         self.cfg = cfg
-        self.dtype = _dtype(dtype, "dtype")
-        pdt = _dtype(param_dtype, "param_dtype")
-        injector = Injector(injection)
-        injector.check_targets(linear_names(cfg))
+        self.dtype = compute_dtype(dtype, "dtype")
+        pdt = compute_dtype(param_dtype, "param_dtype")
         kw = dict(dtype=self.dtype, param_dtype=pdt, rngs=rngs)
-        self.shared = T5Embedding(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), 1.0, **kw)
-        self.encoder = T5Stack(cfg, "encoder", injector, scan_layers=scan_layers, **kw)
-        self.decoder = T5Stack(cfg, "decoder", injector, scan_layers=scan_layers, **kw)
-        # Built directly, never through the injector: the output projection is never adapted.
+        self.shared = Embedding(cfg.vocab_size, cfg.d_model, axes=("vocab", "embed"), std=1.0, **kw)
+        self.encoder = T5Stack(cfg, "encoder", scan_layers=scan_layers, **kw)
+        self.decoder = T5Stack(cfg, "decoder", scan_layers=scan_layers, **kw)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), param_dtype=pdt, dtype=self.dtype, rngs=rngs
         )
+
+    @staticmethod
+    def stack_of(path: str) -> str:
+        """The stack (``"encoder"`` / ``"decoder"``) of the module at Hugging Face path ``path``."""
+        return path.split(".", 1)[0]
 
     def __call__(
         self,
@@ -518,86 +452,3 @@ def _check_mask(mask, like, what: str) -> Array:
     if mask.shape != shape:
         raise ValueError(f"{what} shape {mask.shape} does not match the token shape {shape}")
     return mask.astype(bool)
-
-
-# --------------------------------------------------------------------------------------------------- loading
-
-_BASE = nnx.All(nnx.Param, nnx.Not(AdapterParam))
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "d_in", "d_out"))
-def _adapter_values(key: Array, *, cfg, d_in: int, d_out: int) -> dict:
-    """The initial values (a pure dict, no metadata) of one ``d_in -> d_out`` adapter, compiled once per
-    (config, shape) and reused for every Linear of that shape; logical axes stay with the model's own
-    variables."""
-    from ept_jax.adapters import make_adapter  # local import, as in ept_jax.nn: adapters imports nn
-
-    return nnx.state(make_adapter(cfg, d_in, d_out, rngs=KeyStream(key))).to_pure_dict()
-
-
-def _init_for_loading(cfg: T5Config, injection, dtype, param_dtype, rngs: nnx.Rngs | KeyStream) -> T5Model:
-    """A model whose base weights are zeros (about to be overwritten) and whose adapters are really
-    initialised.
-
-    Random-initialising every base weight only to overwrite it is slow for large models, so the model is built
-    abstractly (``nnx.eval_shape``) and its base state allocated as zeros. Each adapter is initialised by a
-    function compiled per distinct (adapter config, Linear shape): a T5 has a handful of Linear shapes but up
-    to hundreds of adapted Linears, and one program initialising all of them at once takes XLA minutes to
-    compile. Adapter ``j`` (in construction order, ``AdaptedLinear.index``) gets the key
-    ``fold_in(rngs.params(), j)``.
-    """
-    key = rngs.params()
-    # KeyStream, not nnx.Rngs: under eval_shape nnx.Rngs makes construction quadratic in the model size.
-    model = nnx.eval_shape(
-        lambda: T5Model(cfg, injection=injection, dtype=dtype, param_dtype=param_dtype, rngs=KeyStream(0))
-    )
-    for _, lin in adapted_linears(model):
-        values = _adapter_values(jax.random.fold_in(key, lin.index), cfg=injection.adapter,
-                                 d_in=lin.base.d_in, d_out=lin.base.d_out)
-        state = nnx.state(lin.adapter)
-        nnx.replace_by_pure_dict(state, values)
-        nnx.update(lin.adapter, state)
-    graphdef, base_abstract, rest = nnx.split(model, _BASE, ...)
-    base = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), base_abstract)
-    leftover = [s for s in jax.tree.leaves(rest) if isinstance(s, jax.ShapeDtypeStruct)]
-    if leftover:  # a non-adapter, non-base variable: nothing would ever give it a value
-        raise RuntimeError(f"{len(leftover)} model variable(s) are neither base weights nor adapter state")
-    return nnx.merge(graphdef, base, rest)
-
-
-def from_pretrained(
-    name_or_path: str | os.PathLike,
-    *,
-    injection: Injection | None = None,
-    dtype: str = "float32",
-    param_dtype: str = "float32",
-    rngs: nnx.Rngs | KeyStream | None = None,
-) -> T5Model:
-    """Loads a T5-family checkpoint, strictly, optionally with adapters injected.
-
-    Args:
-      name_or_path: a Hugging Face model directory (``config.json`` + ``model.safetensors``, a sharded
-        ``model.safetensors.index.json``, a legacy Flax ``flax_model.msgpack`` or ``pytorch_model.bin``) or a
-        hub id.
-      injection: adapters to inject (targets by short name: ``q``, ``k``, ``v``, ``o``, ``wi``, ``wi_0``,
-        ``wi_1``, ``wo``).
-      dtype / param_dtype: ``"float32"`` (safe) or ``"bfloat16"``.
-      rngs: keys for the adapters' initialisation (default ``nnx.Rngs(0)``); adapter ``j`` (in construction
-        order) gets ``fold_in(rngs.params(), j)``.
-    Raises:
-      CheckpointError: no weights, an unsupported config, or a missing / unexpected / wrongly shaped tensor
-        (each named).
-      ValueError: an unknown dtype or an injection target naming no Linear of the model.
-    """
-    _dtype(dtype, "dtype")
-    _dtype(param_dtype, "param_dtype")
-    model_dir = resolve_model_dir(name_or_path)
-    config = read_config(model_dir)
-    try:
-        cfg = T5Config.from_hf(config)
-    except ValueError as e:
-        raise CheckpointError(f"{model_dir}: {e}") from e
-    tensors = read_tensors(model_dir)
-    model = _init_for_loading(cfg, injection, dtype, param_dtype, rngs or nnx.Rngs(0))
-    load_into(model, tensors, hf_rules(cfg), ignore=hf_ignore(cfg), source=str(model_dir))
-    return model
