@@ -1,7 +1,7 @@
 """Fails when a module uses another module's private name (``_name``): ``from ept_jax.x import _f`` or
 ``x._f`` on an imported project module. Private names stay inside their module; what another module needs is made
 public. Ruff's PLC2701 does not flag imports within one first-party package, hence this check (run by .ci/run and
-``tests/test_layers.py``).
+``tests/unit/test_layers.py``).
 
     python scripts/check_private_imports.py [PATH ...]   # default: ept_jax train benchmarks configs scripts
 """

@@ -2,6 +2,8 @@
 
     python scripts/readme_tables.py          # rewrite every generated block of those files
     python scripts/readme_tables.py --check  # exit 1 when a block differs from what its files give
+    python scripts/readme_tables.py --collect-seeds runs/smollm2 runs/smollm2_s1 runs/smollm2_s2 \
+        --out docs/results/smollm2_compare_seeds.json  # the main job's seeds, from each run's compare.json
 
 A block is the text between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``; :data:`BLOCKS` maps each
 name to the function that renders it from files under ``docs/results/``.
@@ -96,6 +98,60 @@ def smollm2_grid_curves() -> str:
     return "\n".join(lines)
 
 
+SEEDS_FILE = "smollm2_compare_seeds.json"
+
+
+def collect_seeds(parents: list[Path]) -> dict:
+    """The per-seed scores of ``train.compare`` runs of one config differing only in ``train.seed`` (each parent's
+    ``compare.json``): held-out answer loss and ``acc_norm`` per task and mean, per method and seed."""
+    out: dict = {"config": None, "seeds": {}}
+    for parent in parents:
+        data = json.loads((Path(parent) / "compare.json").read_text())
+        config = json.loads(json.dumps(data["config"]))
+        seed = config["train"].pop("seed")
+        if out["config"] is None:
+            out["config"] = config
+        elif config != out["config"]:
+            raise SystemExit(f"{parent}: its config differs from {parents[0]}'s in more than train.seed")
+        runs = {}
+        for method, run in data["runs"].items():
+            if method == "base":
+                continue  # no training, so no seed
+            choices = run["facts"]["choices"]
+            runs[method] = {"answer_loss": run["facts"]["answer_loss"], "acc_norm_mean": choices["mean"]["acc_norm"],
+                            "acc_norm": {t: v["acc_norm"] for t, v in choices["tasks"].items()}}
+        out["seeds"][str(seed)] = runs
+    return out
+
+
+def smollm2_seeds() -> str:
+    """The main job over seeds (:func:`collect_seeds`): per method, every seed's mean acc_norm and held-out loss,
+    their mean and sample standard deviation, and each task's mean acc_norm over the seeds."""
+    import statistics
+
+    data = json.loads((RESULTS / SEEDS_FILE).read_text())
+    seeds = sorted(data["seeds"], key=int)
+    methods = [m for m in ("ept", "lora") if all(m in data["seeds"][s] for s in seeds)]
+    tasks = list(data["seeds"][seeds[0]][methods[0]]["acc_norm"])
+
+    def stat(values, fmt):
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{format(statistics.mean(values), fmt)} ± {format(sd, fmt)}"
+
+    head = "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | " + " | ".join(tasks) + " |"
+    lines = [head, "|---" + "|---:" * (len(seeds) + 1 + len(tasks)) + "|"]
+    for m in methods:
+        runs = [data["seeds"][s][m] for s in seeds]
+        acc = [r["acc_norm_mean"] for r in runs]
+        loss = [r["answer_loss"] for r in runs]
+        per_task = [f"{statistics.mean(r['acc_norm'][t] for r in runs):.1f}" for t in tasks]
+        lines.append(f"| {m} acc_norm | " + " | ".join(f"{a:.1f}" for a in acc) + f" | {stat(acc, '.1f')} | "
+                     + " | ".join(per_task) + " |")
+        lines.append(f"| {m} held-out loss | " + " | ".join(f"{v:.3f}" for v in loss) + f" | {stat(loss, '.3f')} | "
+                     + " |" * len(tasks))
+    return "\n".join(lines)
+
+
 LATEST_BENCHMARKS = ("cpu-amd-epyc-2core_t5_small_heap_default.json", "cpu-amd-epyc-2core_t5_small_heap_tcmalloc.json",
                      "cpu-amd-epyc-2core_smollm2_135m_heap_default.json",
                      "cpu-amd-epyc-2core_smollm2_135m_heap_tcmalloc.json")
@@ -114,7 +170,8 @@ def benchmark_summary() -> str:
 BLOCKS = {"benchmark-summary": benchmark_summary, "smollm2-compare": smollm2_compare,
           "smollm2-compare-release": smollm2_compare_release, "smollm2-base-cloze": smollm2_base_cloze,
           "smollm2-grid": smollm2_grid,
-          "smollm2-grid-curves": smollm2_grid_curves, "smollm2-finalists": smollm2_finalists}
+          "smollm2-grid-curves": smollm2_grid_curves, "smollm2-finalists": smollm2_finalists,
+          "smollm2-seeds": smollm2_seeds}
 
 
 def render(readme: str) -> str:
@@ -133,7 +190,15 @@ DOCUMENTS = ("README.md", "docs/results.md")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true")
+    p.add_argument("--collect-seeds", nargs="+", metavar="PARENT", help="train.compare directories, one per seed")
+    p.add_argument("--out", help="with --collect-seeds: the JSON file to write")
     args = p.parse_args(argv)
+    if args.collect_seeds:
+        if not args.out:
+            p.error("--collect-seeds needs --out")
+        Path(args.out).write_text(json.dumps(collect_seeds([Path(d) for d in args.collect_seeds]), indent=1,
+                                             sort_keys=True) + "\n")
+        return 0
     stale = []
     for name in DOCUMENTS:
         path = REPO / name

@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# The test suite, as the README gives it. Offline: nothing is fetched from the Hugging Face hub.
+# The test suite, as the README gives it: tests/unit (in-process) and tests/e2e (subprocess runs of the programs).
+# Offline: nothing is fetched from the Hugging Face hub.
 set -euo pipefail
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
+# XLA's backend optimisations off (LLVM -O0, no expensive passes): the tests' programs are tiny, so compiling them
+# dominates and running them unoptimised costs nothing; the same values to rounding (every tolerance unchanged).
+# Subprocesses inherit it (it is a JAX setting, not an XLA_FLAGS entry, which several tests replace).
+export JAX_DISABLE_MOST_OPTIMIZATIONS="${JAX_DISABLE_MOST_OPTIMIZATIONS:-1}"
 exec python -m pytest -q -n "${PYTEST_WORKERS:-2}" --durations=15 "$@"

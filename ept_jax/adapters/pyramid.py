@@ -25,7 +25,7 @@ their seed slice) are combined *before* expanding, through the effective kernel
 materialise ``dW`` and cost about what a LoRA of the same rank costs (reference) or ``r * (d_in + d_out)`` per
 distinct kernel size (paper).
 
-Paths provided for both expansions, all exact to rounding (see ``tests/test_pyramid.py``):
+Paths provided for both expansions, all exact to rounding (see ``tests/unit/test_pyramid.py``):
 
 * definition with ``jax.lax.conv_transpose`` (:func:`expert_delta` with ``method="conv"``);
 * explicit materialised deltas (:func:`expert_delta`, :func:`mixture_delta`, :func:`forward_materialized`);

@@ -3,7 +3,7 @@
 
 :mod:`ept_jax.adapters.pyramid` states the method (ALP slices, both expansions, routing, the materialised deltas); this
 module computes the same ``y[b] = x[b] @ dW[t_b].T`` in the order that is cheap on activations, exact to rounding
-(``tests/test_pyramid_fast.py`` checks values and every parameter gradient against the definitions).
+(``tests/unit/test_pyramid_fast.py`` checks values and every parameter gradient against the definitions).
 
 * Reference expansion (:func:`reference_fused_factors`, :func:`reference_routed_factors`): two thin matmuls on the
   activations, factors built from parameter-sized banks; with top-k routing only each example's routed experts.

@@ -11,7 +11,7 @@ on a 2-core CPU as with the hash below. Hence two generators:
   hash: xor-shift, multiply, xor-shift, multiply, xor-shift) and ``(s0, s1)`` derived from the words of the
   dropout key; kept when ``h < round(keep * 2**32)``. Ten integer ops per element, no state, a function of
   the global index only (so sharded masks equal unsharded ones), different keys give unrelated masks (the
-  library folds a per-Linear index into the step key). tests/test_dropout.py checks the keep rate, the
+  library folds a per-Linear index into the step key). tests/unit/test_dropout.py checks the keep rate, the
   independence of neighbouring elements and of masks from different keys, and bit uniformity.
 * ``"threefry"``: ``jax.random.bernoulli(key, keep, shape)``, JAX's own generator (cryptographic strength,
   the same stream as ``flax.nnx.Dropout``), at its cost.

@@ -15,7 +15,7 @@ coincide (mapping table: ``ept_jax.checkpoints.llama_map``; loading:
 Dtype policy: ``param_dtype`` (storage) and ``dtype`` (activations and matmuls) are ``"float32"`` or
 ``"bfloat16"``; norms, rotary angles and the softmax are always float32, attention scores accumulate in float32
 and logits are returned as float32. ``"float64"`` (with ``jax_enable_x64``) computes every one of those in float64
-too: the exact tests against the release's float64 trajectories (tests/test_reference_training.py) need it.
+too: the exact tests against the release's float64 trajectories (tests/unit/test_reference_training.py) need it.
 
 Positions: when not given they are ``cumsum(attention_mask) - 1`` (0 on padding), which is what transformers'
 ``generate`` uses, so left-padded batches get the same positions as unpadded rows. (transformers' plain forward

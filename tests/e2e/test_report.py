@@ -17,7 +17,7 @@ import pytest
 
 from train.logger import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PNGS = ("training.png", "eval.png", "routing.png", "task_embeddings_pca.png")
 TRAIN = [
     "--config.train.steps=20",

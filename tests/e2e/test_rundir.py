@@ -13,7 +13,7 @@ import pytest
 
 from train.rundir import LOCK_FILE, WorkdirInUseError, WorkdirLock
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _holder(workdir: Path) -> subprocess.Popen:

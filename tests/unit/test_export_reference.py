@@ -22,7 +22,7 @@ peft = pytest.importorskip("peft")
 
 from train import export as cli  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(
     os.environ.get("EPT_REFERENCE_FIXTURES", ROOT.parent / "shared" / "fixtures" / "reference_ept")
 )

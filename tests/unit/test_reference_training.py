@@ -22,7 +22,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
+_REPO = pathlib.Path(__file__).resolve().parents[2]
 _ENV = os.environ.get("EPT_REFERENCE_TRAINING_FIXTURES", "")
 _CANDIDATES = [_ENV] if _ENV else [_REPO / "shared" / "fixtures" / "reference_training",
                                    _REPO.parent / "shared" / "fixtures" / "reference_training"]

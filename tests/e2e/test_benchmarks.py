@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks import allocator, interleaved, measure, run, setups, table
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MAIN_ROWS = {"limit", "ept_reference", "ept_paper", "ept_materialized", "lora", "torch_peft_lora", "generate_base",
              "generate_merged", "generate_unmerged"}
 ROW_KEYS = {"id", "model", "family", "row", "kind", "framework", "shapes", "status", "reason", "sweep", "n_experts",

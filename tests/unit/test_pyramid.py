@@ -1,6 +1,6 @@
 """Exact-math tests of ept_jax.adapters.pyramid (float64): every path of both expansions against the definitions.
 
-The fast paths' gradients: tests/test_pyramid_fast.py."""
+The fast paths' gradients: tests/unit/test_pyramid_fast.py."""
 
 from __future__ import annotations
 

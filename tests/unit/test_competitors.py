@@ -34,7 +34,7 @@ from ept_jax.adapters.trex import (
 )
 from ept_jax.core.params import AdapterContext, AdapterParam
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOL = dict(atol=1e-10, rtol=1e-10)
 D_IN, D_OUT = 12, 10
 BATCH, SEQ = 3, 4

@@ -8,7 +8,7 @@ stderr naming the bad value, no traceback, and leaves nothing behind (no workdir
 existing run's workdir byte for byte unchanged).
 
 ``kill -9`` during training, a truncated checkpoint file and another adapter shape are in
-``tests/test_train_resume.py``; exporting a task the checkpoint does not have in ``tests/test_export.py``.
+``tests/e2e/test_train_resume.py``; exporting a task the checkpoint does not have in ``tests/unit/test_export.py``.
 """
 
 import json
@@ -24,7 +24,7 @@ from filelock import FileLock
 
 from train.logger import TIMING_KEYS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 20
 OVERRIDES = [
     f"--config.train.steps={STEPS}",

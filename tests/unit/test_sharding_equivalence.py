@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RTOL = 1e-5  # float32; relative to the largest magnitude of each compared array
 MESHES = {"data4_tensor2": {"data": 4, "fsdp": 1, "tensor": 2}, "fsdp8": {"data": 1, "fsdp": 8, "tensor": 1}}
 

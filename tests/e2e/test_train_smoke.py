@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(args, workdir, cache_dir, env_extra=None, timeout=600):

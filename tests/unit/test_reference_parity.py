@@ -23,7 +23,7 @@ from ept_jax.checkpoints.load import from_pretrained
 from ept_jax.checkpoints.reference import load_reference_adapter
 from ept_jax.core.params import AdapterContext
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(os.environ.get("EPT_REFERENCE_FIXTURES", ROOT.parent / "shared" / "fixtures" / "reference_ept"))
 
 
