@@ -1,4 +1,5 @@
-"""Code-structure checks that CI runs: no module uses another module's private name."""
+"""Code-structure checks that CI runs: no module uses another module's private name; layers point down, no
+import cycle."""
 
 from __future__ import annotations
 
@@ -25,3 +26,12 @@ def test_no_private_name_crosses_a_module(tmp_path):
     found = mod.violations(bad)
     assert any("imports ept_jax.adapters.pyramid._secret" in v for v in found)
     assert any("uses train.main._flag" in v for v in found)
+
+
+def test_layer_contract_and_no_import_cycle(monkeypatch):
+    """The import-linter contracts of pyproject.toml hold (``lint-imports`` in .ci/run): core -> adapters -> models
+    -> checkpoints | data -> eval -> train, and no package's modules import each other in a cycle."""
+    from importlinter import cli
+
+    monkeypatch.chdir(REPO)
+    assert cli.lint_imports(config_filename=str(REPO / "pyproject.toml")) == 0
