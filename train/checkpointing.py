@@ -17,9 +17,9 @@ A checkpoint that cannot be read (truncated file, partial write) is reported, mo
 is used. Orbax writes each checkpoint into a temporary directory and renames it when complete, so a process
 killed mid-write leaves only a temporary directory, which is deleted on the next start.
 
-``EPT_KILL_DURING_CHECKPOINT=N`` (environment; fault injection for the reliability tests) makes the process
-``SIGKILL`` itself in the middle of writing regular checkpoint ``N``: once its host record is in Orbax's temporary
-directory (the arrays are written beside it concurrently), before the checkpoint is committed.
+``train.faults.FAULTS.kill_during_checkpoint = N`` (the reliability tests' seam) makes the process ``SIGKILL``
+itself in the middle of writing regular checkpoint ``N``: once its host record is in Orbax's temporary directory
+(the arrays are written beside it concurrently), before the checkpoint is committed.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from train import faults
 from train.errors import CheckpointMismatchError
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 IDENTITY_KEYS = ("format", "family", "tasks", "adapter")
-KILL_ENV = "EPT_KILL_DURING_CHECKPOINT"
 
 
 # --------------------------------------------------------------------------------------------------- trees
@@ -148,18 +148,8 @@ def _abstract(tree) -> Any:
 # --------------------------------------------------------------------------------------------------- manager
 
 
-def _kill_step() -> int | None:
-    value = os.environ.get(KILL_ENV)
-    if not value:
-        return None
-    try:
-        return int(value)
-    except ValueError as e:
-        raise ValueError(f"{KILL_ENV}={value!r} is not an integer step") from e
-
-
 def _killing_json_handler(kill_step: int) -> ocp.JsonCheckpointHandler:
-    """The ``host`` item's handler under ``EPT_KILL_DURING_CHECKPOINT``: once it has written the host record of
+    """The ``host`` item's handler under ``FAULTS.kill_during_checkpoint``: once it has written the host record of
     step ``kill_step`` into Orbax's temporary directory (the arrays are then being written beside it, and the
     checkpoint is not committed before every item is done), it SIGKILLs the process. The write of the
     instance is wrapped rather than the class subclassed: Orbax finds a handler's args by its exact type."""
@@ -169,7 +159,8 @@ def _killing_json_handler(kill_step: int) -> ocp.JsonCheckpointHandler:
     async def write_then_kill(record, directory):
         await real_write(record, directory)
         if int(record.get("step", -1)) == kill_step:
-            logger.warning("%s=%d: killing the process while it writes %s", KILL_ENV, kill_step, directory)
+            logger.warning("fault kill_during_checkpoint=%d: killing the process while it writes %s", kill_step,
+                           directory)
             os.kill(os.getpid(), signal.SIGKILL)
 
     handler._save_fn = write_then_kill
@@ -185,7 +176,8 @@ class Checkpointer:
         self.best_dir = self.workdir / "best"
         self.corrupt_dir = self.workdir / "checkpoints_corrupt"
         self.keep = keep
-        self._mgr = self._manager(self.dir, keep, ("params", "opt_state", "host"), kill_step=_kill_step())
+        self._mgr = self._manager(self.dir, keep, ("params", "opt_state", "host"),
+                                  kill_step=faults.FAULTS.kill_during_checkpoint)
         self._best = self._manager(self.best_dir, 1, ("params", "host"))
 
     @staticmethod

@@ -9,8 +9,8 @@ step, so the records written after a resume are the ones the uninterrupted run w
 ``EPT_STOP_AFTER_STEP=N`` (environment) ends the run cleanly after the first checkpoint at a step >= N: the
 interruption the resume tests (and a scheduler's preemption) need, with the schedule of the full run.
 
-``EPT_NAN_AT_STEPS=7,8`` (environment; fault injection for the reliability tests) runs the updates numbered 7
-and 8 on NaN base weights, so their loss and gradients are NaN and ``train.nan_policy`` decides what happens.
+:data:`train.faults.FAULTS` (the reliability tests' seam) can run chosen updates on NaN base weights, so their
+loss and gradients are NaN and ``train.nan_policy`` decides what happens.
 A run whose ``_Run`` set-up fails (bad config, data or model) removes the workdir if this call created it.
 """
 
@@ -31,7 +31,7 @@ from flax import nnx
 
 from ept_jax.core import sharding as sharding_lib
 from ept_jax.core.params import TRAINABLE
-from train import configuration, evaluation, rundir, steps, throughput
+from train import configuration, evaluation, faults, rundir, steps, throughput
 from train import state as state_lib
 from train.checkpointing import Checkpointer
 from train.data import build_data
@@ -42,7 +42,6 @@ from train.rundir import WorkdirLock, run_identity
 logger = logging.getLogger(__name__)
 
 STOP_ENV = "EPT_STOP_AFTER_STEP"
-NAN_ENV = "EPT_NAN_AT_STEPS"
 RESULTS_FILE = "results.json"
 _AVERAGED = ("loss", "ce", "contrastive", "grad_norm")
 
@@ -55,15 +54,6 @@ def _stop_after() -> int | None:
         return int(value)
     except ValueError as e:
         raise UserError(f"{STOP_ENV}={value!r} is not an integer step") from e
-
-
-def _nan_steps() -> frozenset[int]:
-    """The update numbers of ``EPT_NAN_AT_STEPS`` (comma-separated, 1-based like the metrics' steps)."""
-    value = os.environ.get(NAN_ENV, "").strip()
-    try:
-        return frozenset(int(v) for v in value.split(",") if v.strip())
-    except ValueError as e:
-        raise UserError(f"{NAN_ENV}={value!r} is not a comma-separated list of integer steps") from e
 
 
 def _poisoned(frozen):
@@ -236,7 +226,7 @@ class _Run:
 
     def train(self) -> dict[str, Any]:
         cfg = self.config.train
-        total, stop_after, nan_steps = int(cfg.steps), _stop_after(), _nan_steps()
+        total, stop_after, nan_steps = int(cfg.steps), _stop_after(), faults.FAULTS.nan_at_steps
         pending: list = []
         interval_start, tokens, t_interval = self.step, 0, time.time()
         self.t_start = time.time()

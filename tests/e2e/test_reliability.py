@@ -1,8 +1,9 @@
 """Reliability of ``python -m train.main`` on the smoke config: faults survived, bad input refused clearly.
 
-Faults: ``kill -9`` in the middle of a checkpoint write (``EPT_KILL_DURING_CHECKPOINT``: Orbax's temporary
+Faults (installed through ``tests/e2e/faulty.py``, the :mod:`train.faults` seam): ``kill -9`` in the middle of a
+checkpoint write (``--kill_during_checkpoint``: Orbax's temporary
 directory is left behind, the next start ignores and removes it, resumes from the previous checkpoint and ends
-identical to an uninterrupted run), a NaN loss under both ``train.nan_policy`` values (``EPT_NAN_AT_STEPS``), a
+identical to an uninterrupted run), a NaN loss under both ``train.nan_policy`` values (``--nan_at_steps``), a
 checkpoint of another adapter config (same shapes) refused. Bad input: every case exits 2 with exactly one line on
 stderr naming the bad value, no traceback, and leaves nothing behind (no workdir when the command created it; an
 existing run's workdir byte for byte unchanged).
@@ -34,17 +35,21 @@ OVERRIDES = [
     "--config.train.keep_checkpoints=4",
     "--config.eval.max_examples=16",
 ]
-FAULT_ENV = ("EPT_STOP_AFTER_STEP", "EPT_KILL_DURING_CHECKPOINT", "EPT_NAN_AT_STEPS", "XLA_FLAGS")
+FAULT_ENV = ("EPT_STOP_AFTER_STEP", "XLA_FLAGS")
 
 
-def cli(workdir, cache_dir, args=(), **env_extra) -> subprocess.CompletedProcess:
-    """``python -m train.main`` on the smoke config with :data:`OVERRIDES` and ``args`` (later ones win)."""
+def cli(workdir, cache_dir, args=(), faults=(), **env_extra) -> subprocess.CompletedProcess:
+    """``python -m train.main`` on the smoke config with :data:`OVERRIDES` and ``args`` (later ones win); with
+    ``faults`` (options of ``tests/e2e/faulty.py``) through that runner, which installs them first."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     for key in FAULT_ENV:
         env.pop(key, None)
     env.update(env_extra)
-    cmd = [sys.executable, "-m", "train.main", "--config", str(REPO / "configs/smoke.py"), "--workdir",
+    runner = ["-m", "train.main"]
+    if faults:
+        runner = [str(REPO / "tests" / "e2e" / "faulty.py"), *faults, "--", "train.main"]
+    cmd = [sys.executable, *runner, "--config", str(REPO / "configs/smoke.py"), "--workdir",
            str(workdir), *OVERRIDES, *map(str, args)]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
@@ -136,7 +141,7 @@ def assert_one_line_refusal(out: subprocess.CompletedProcess, *needles: str, onl
 
 def test_kill_9_during_a_checkpoint_write_resumes_from_the_previous_one(reference, cache_dir, tmp_path):
     workdir = tmp_path / "killed"
-    out = cli(workdir, cache_dir, EPT_KILL_DURING_CHECKPOINT="15")
+    out = cli(workdir, cache_dir, faults=["--kill_during_checkpoint=15"])
     assert out.returncode == -9, (out.returncode, out.stderr[-3000:])
     ckpts = workdir / "checkpoints"
     partial = [p for p in ckpts.iterdir() if p.name.startswith("15.orbax-checkpoint-tmp")]
@@ -154,7 +159,7 @@ def test_kill_9_during_a_checkpoint_write_resumes_from_the_previous_one(referenc
 
 def test_nan_loss_skip_policy_counts_and_finishes_finite(reference, cache_dir, tmp_path):
     workdir = tmp_path / "skip"
-    out = cli(workdir, cache_dir, ["--config.train.nan_policy=skip"], EPT_NAN_AT_STEPS="7,8")
+    out = cli(workdir, cache_dir, ["--config.train.nan_policy=skip"], faults=["--nan_at_steps=7,8"])
     assert out.returncode == 0, out.stderr[-4000:]
     assert "non-finite loss or gradients at step(s) [7, 8]: skipped" in out.stderr
     recs = [r for r in records(workdir) if "loss" in r]
@@ -171,7 +176,7 @@ def test_nan_loss_skip_policy_counts_and_finishes_finite(reference, cache_dir, t
 
 def test_nan_loss_stop_policy_is_one_line_and_keeps_the_last_checkpoint(reference, cache_dir, tmp_path):
     workdir = tmp_path / "stop"
-    out = cli(workdir, cache_dir, ["--config.train.nan_policy=stop"], EPT_NAN_AT_STEPS="13")
+    out = cli(workdir, cache_dir, ["--config.train.nan_policy=stop"], faults=["--nan_at_steps=13"])
     last = assert_one_line_refusal(out, only_line=False)  # after the progress logged before the fault
     assert last.startswith("error: NonFiniteLossError: the loss or gradients became NaN/Inf at step 13")
     assert f"the last checkpoint ({workdir / 'checkpoints' / '10'}) is intact" in last

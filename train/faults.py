@@ -1,0 +1,37 @@
+"""Fault injection for the reliability tests: a seam the tests install, never read from the environment.
+
+The training loop and the checkpointer read :data:`FAULTS`; by default nothing is injected. In-process tests set its
+fields (and reset them); end-to-end tests run a program through ``tests/e2e/faulty.py``, which installs the faults
+named on its command line and then runs the program's module as ``__main__``.
+
+* ``nan_at_steps``: the updates with these numbers (1-based, as the metrics' steps) run on NaN base weights, so
+  their loss and gradients are NaN and ``train.nan_policy`` decides what happens.
+* ``kill_during_checkpoint``: the process ``SIGKILL`` s itself in the middle of writing regular checkpoint ``N``
+  (:mod:`train.checkpointing`): once its host record is in Orbax's temporary directory, before the commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class Faults:
+    nan_at_steps: frozenset[int] = frozenset()
+    kill_during_checkpoint: int | None = None
+
+
+#: the installed faults (none by default)
+FAULTS = Faults()
+
+
+def install(nan_at_steps=(), kill_during_checkpoint: int | None = None) -> Faults:
+    """Replaces the installed faults; returns them."""
+    FAULTS.nan_at_steps = frozenset(int(s) for s in nan_at_steps)
+    FAULTS.kill_during_checkpoint = None if kill_during_checkpoint is None else int(kill_during_checkpoint)
+    return FAULTS
+
+
+def reset() -> None:
+    """No fault."""
+    install()
