@@ -50,8 +50,7 @@ def injection(config) -> Injection | None:
 
 
 def _arch(config) -> dict:
-    """The architecture dict: the local checkpoint's config.json when at hand, else ``config.model.arch``; with
-    ``model.num_layers`` (LLaMA truncation, as ``train.state.build_model`` applies it) the depth is cut to it."""
+    """The architecture dict: the local checkpoint's config.json when at hand, else ``config.model.arch``."""
     from ept_jax.checkpoints.hf import read_config
 
     p = Path(str(config.model.name_or_path)).expanduser()
@@ -64,10 +63,7 @@ def _arch(config) -> dict:
                 f"model.name_or_path={str(config.model.name_or_path)!r} has no local config.json and the config "
                 "records no model.arch to build the model from"
             )
-    arch = dict(arch)
-    if config.model.get("num_layers") is not None and str(config.model.family) == "llama":
-        arch["num_hidden_layers"] = int(config.model.num_layers)
-    return arch
+    return dict(arch)
 
 
 def model_from_config(config) -> nnx.Module:
@@ -91,10 +87,13 @@ def model_from_config(config) -> nnx.Module:
 
 
 def random_model(config, *, rngs: nnx.Rngs | KeyStream | None = None):
-    """A randomly initialised model of ``config``'s architecture, adapters injected (keys from ``train.seed``)."""
+    """A randomly initialised model of ``config``'s architecture (``model.num_layers`` applied as
+    :func:`model_from_config` applies it), adapters injected (keys from ``train.seed``)."""
+    family, num_layers = str(config.model.family), config.model.get("num_layers")
     return build(
-        str(config.model.family),
+        family,
         _arch(config),
+        num_layers=None if num_layers is None or family != "llama" else int(num_layers),
         injection=injection(config),
         dtype=str(config.model.dtype),
         param_dtype=str(config.model.param_dtype),

@@ -24,6 +24,8 @@ itself in the middle of writing regular checkpoint ``N``: once its host record i
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -36,7 +38,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from train import faults
-from train.errors import CheckpointMismatchError
+from train.errors import CheckpointMismatchError, DiskFullError
 
 logger = logging.getLogger(__name__)
 
@@ -148,15 +150,19 @@ def _abstract(tree) -> Any:
 # --------------------------------------------------------------------------------------------------- manager
 
 
-def _killing_json_handler(kill_step: int) -> ocp.JsonCheckpointHandler:
-    """The ``host`` item's handler under ``FAULTS.kill_during_checkpoint``: once it has written the host record of
-    step ``kill_step`` into Orbax's temporary directory (the arrays are then being written beside it, and the
-    checkpoint is not committed before every item is done), it SIGKILLs the process. The write of the
-    instance is wrapped rather than the class subclassed: Orbax finds a handler's args by its exact type."""
+def _faulty_json_handler(kill_step: int | None, full_step: int | None) -> ocp.JsonCheckpointHandler:
+    """The ``host`` item's handler under the faults of :mod:`train.faults`: at ``full_step`` the write of the host
+    record fails with ``OSError(ENOSPC)``, as on a full disk; at ``kill_step``, once it has written the host record
+    into Orbax's temporary directory (the arrays are then being written beside it, and the checkpoint is not
+    committed before every item is done), it SIGKILLs the process. The write of the instance is wrapped rather than
+    the class subclassed: Orbax finds a handler's args by its exact type."""
     handler = ocp.JsonCheckpointHandler()
     real_write = handler._save_fn  # the background write of the JSON file (Orbax 0.12)
 
     async def write_then_kill(record, directory):
+        if int(record.get("step", -1)) == full_step:
+            logger.warning("fault disk_full_at_checkpoint=%d: the write of %s fails", full_step, directory)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
         await real_write(record, directory)
         if int(record.get("step", -1)) == kill_step:
             logger.warning("fault kill_during_checkpoint=%d: killing the process while it writes %s", kill_step,
@@ -165,6 +171,63 @@ def _killing_json_handler(kill_step: int) -> ocp.JsonCheckpointHandler:
 
     handler._save_fn = write_then_kill
     return handler
+
+
+def _nbytes(tree) -> int:
+    """Bytes of the arrays of ``tree`` (what a checkpoint of it writes, before compression)."""
+    return int(sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(tree)))
+
+
+def _disk_full(error: BaseException | None, seen=None) -> OSError | None:
+    """The ENOSPC / EDQUOT ``OSError`` in ``error``'s causes, contexts or exception group, if any."""
+    seen = seen if seen is not None else set()
+    if error is None or id(error) in seen:
+        return None
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return error
+    for inner in (*getattr(error, "exceptions", ()), error.__cause__, error.__context__):
+        found = _disk_full(inner, seen)
+        if found is not None:
+            return found
+    return None
+
+
+class _DiskFullLogFilter(logging.Filter):
+    """Drops Orbax's own error records (with tracebacks, from its background threads) of a write that failed on a
+    full disk: :class:`~train.errors.DiskFullError` reports it as one line. After that report, also the record of
+    Orbax's metadata thread finding its executor shut down (the same failed save, as the program exits)."""
+
+    reported = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if _disk_full(error) is not None or "No space left on device" in record.getMessage():
+            return False
+        after_shutdown = isinstance(error, RuntimeError) and "after shutdown" in str(error)
+        return not (self.reported and (after_shutdown or "after shutdown" in record.getMessage()))
+
+
+_DISK_FULL_LOGS = _DiskFullLogFilter()
+
+
+def orbax_manager(directory: Path, items: tuple[str, ...], *, keep: int | None = None, read_only: bool = False,
+                  kill_step: int | None = None, full_step: int | None = None) -> ocp.CheckpointManager:
+    """The one way this project opens an Orbax checkpoint directory: the ``host`` item JSON, the others arrays.
+
+    Writable (the trainer): keeps the last ``keep``, creates the directory, deletes temporary directories of
+    interrupted writes. ``read_only`` (export, inspection): creates and cleans nothing, so reading while a run is
+    still training cannot disturb a checkpoint being written. Handlers are registered up front, so a fresh manager
+    can read the metadata of existing checkpoints.
+    """
+    if read_only:
+        options = ocp.CheckpointManagerOptions(read_only=True)
+    else:
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
+    faulty = kill_step is not None or full_step is not None
+    json_handler = _faulty_json_handler(kill_step, full_step) if faulty else ocp.JsonCheckpointHandler()
+    handlers = {item: json_handler if item == "host" else ocp.StandardCheckpointHandler() for item in items}
+    return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
 
 
 class Checkpointer:
@@ -176,30 +239,53 @@ class Checkpointer:
         self.best_dir = self.workdir / "best"
         self.corrupt_dir = self.workdir / "checkpoints_corrupt"
         self.keep = keep
-        self._mgr = self._manager(self.dir, keep, ("params", "opt_state", "host"),
-                                  kill_step=faults.FAULTS.kill_during_checkpoint)
-        self._best = self._manager(self.best_dir, 1, ("params", "host"))
-
-    @staticmethod
-    def _manager(directory: Path, keep: int, items: tuple[str, ...],
-                 kill_step: int | None = None) -> ocp.CheckpointManager:
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
-        # Handlers registered up front: a fresh manager can then read the metadata of existing checkpoints.
-        json_handler = ocp.JsonCheckpointHandler() if kill_step is None else _killing_json_handler(kill_step)
-        handlers = {item: json_handler if item == "host" else ocp.StandardCheckpointHandler() for item in items}
-        return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
+        self._mgr = orbax_manager(self.dir, ("params", "opt_state", "host"), keep=keep,
+                                  kill_step=faults.FAULTS.kill_during_checkpoint,
+                                  full_step=faults.FAULTS.disk_full_at_checkpoint)
+        self._writing: tuple[int, int] | None = None  # (step, bytes) of the regular checkpoint last saved
+        for name in ("absl", "orbax"):  # Orbax logs through absl's logger
+            if _DISK_FULL_LOGS not in logging.getLogger(name).filters:
+                logging.getLogger(name).addFilter(_DISK_FULL_LOGS)
+        self._best = orbax_manager(self.best_dir, ("params", "host"), keep=1)
 
     # -- saving --------------------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _disk_full_is_one_line(self):
+        """Turns a full disk met while a checkpoint is written (Orbax reports an asynchronous write's failure at
+        the next save or wait) into :class:`DiskFullError`: the checkpoint, its path, the bytes it needs, the free
+        bytes and the intact previous checkpoint."""
+        try:
+            yield
+        except BaseException as e:
+            full = _disk_full(e)
+            if full is None or self._writing is None:
+                raise
+            step, needed = self._writing
+            free = shutil.disk_usage(self.dir).free if self.dir.exists() else 0
+            done = [s for s in self.steps() if s < step]
+            previous = (f"the previous checkpoint ({self.dir / str(done[-1])}) is intact" if done
+                        else "no earlier checkpoint exists")
+            _DISK_FULL_LOGS.reported = True
+            raise DiskFullError(
+                f"no space left on the device writing checkpoint {step} to {self.dir / str(step)} "
+                f"({full.strerror}): it needs about {needed:,} bytes, {free:,} are free; {previous}. Free space "
+                "and run the same command: it resumes from the last checkpoint") from e
+
     def save(self, step: int, trainable, opt_state, host: Mapping[str, Any]) -> None:
         """Saves adapter parameters, optimizer state and ``host`` (JSON) as checkpoint ``step`` (asynchronously:
-        the arrays are copied before this returns, so they may be donated right after)."""
-        self._replace(self._mgr, step)
-        self._mgr.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(to_nested(trainable)),
-            opt_state=ocp.args.StandardSave(to_nested(opt_state)),
-            host=ocp.args.JsonSave(dict(host)),
-        ), force=True)
+        the arrays are copied before this returns, so they may be donated right after). A full disk raises
+        :class:`~train.errors.DiskFullError` (here, for the previous save, or from :meth:`wait`)."""
+        with self._disk_full_is_one_line():
+            self._replace(self._mgr, step)
+            self._mgr.wait_until_finished()  # the previous save's failure belongs to the previous step
+        self._writing = (step, _nbytes(trainable) + _nbytes(opt_state))
+        with self._disk_full_is_one_line():
+            self._mgr.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(to_nested(trainable)),
+                opt_state=ocp.args.StandardSave(to_nested(opt_state)),
+                host=ocp.args.JsonSave(dict(host)),
+            ), force=True)
 
     def save_best(self, step: int, trainable, host: Mapping[str, Any]) -> None:
         """Replaces the best checkpoint with ``trainable`` at ``step`` (``host`` holds its scores)."""
@@ -217,8 +303,9 @@ class Checkpointer:
             mgr.delete(step)
 
     def wait(self) -> None:
-        """Blocks until every pending save is on disk."""
-        self._mgr.wait_until_finished()
+        """Blocks until every pending save is on disk (a full disk: :class:`~train.errors.DiskFullError`)."""
+        with self._disk_full_is_one_line():
+            self._mgr.wait_until_finished()
         self._best.wait_until_finished()
 
     def close(self) -> None:

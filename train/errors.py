@@ -26,6 +26,10 @@ class CheckpointMismatchError(UserError):
     """A checkpoint was written for another model / adapter shape; restoring it would be partial or wrong."""
 
 
+class DiskFullError(UserError):
+    """A checkpoint could not be written: no space left on the device (or over quota)."""
+
+
 class NonFiniteLossError(UserError):
     """The loss or the gradients became NaN/Inf and ``train.nan_policy`` is ``"stop"``."""
 

@@ -182,15 +182,9 @@ class RestoredRun:
 
 
 def _manager(directory: Path, items: tuple[str, ...]):
-    import orbax.checkpoint as ocp
+    from train.checkpointing import orbax_manager
 
-    # read_only: no directory is created and no temporary directory is cleaned up, so exporting while the
-    # run is still training cannot disturb a checkpoint being written.
-    options = ocp.CheckpointManagerOptions(read_only=True)
-    handlers = {
-        i: ocp.JsonCheckpointHandler() if i == "host" else ocp.StandardCheckpointHandler() for i in items
-    }
-    return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
+    return orbax_manager(directory, items, read_only=True)  # exporting cannot disturb a run still training
 
 
 def _steps(directory: Path) -> list[int]:

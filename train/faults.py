@@ -6,6 +6,8 @@ named on its command line and then runs the program's module as ``__main__``.
 
 * ``nan_at_steps``: the updates with these numbers (1-based, as the metrics' steps) run on NaN base weights, so
   their loss and gradients are NaN and ``train.nan_policy`` decides what happens.
+* ``disk_full_at_checkpoint``: writing regular checkpoint ``N`` fails as a full disk fails it, with
+  ``OSError(ENOSPC)`` from the write of its host record (the checkpoint is never committed).
 * ``kill_during_checkpoint``: the process ``SIGKILL`` s itself in the middle of writing regular checkpoint ``N``
   (:mod:`train.checkpointing`): once its host record is in Orbax's temporary directory, before the commit.
 """
@@ -19,16 +21,19 @@ import dataclasses
 class Faults:
     nan_at_steps: frozenset[int] = frozenset()
     kill_during_checkpoint: int | None = None
+    disk_full_at_checkpoint: int | None = None
 
 
 #: the installed faults (none by default)
 FAULTS = Faults()
 
 
-def install(nan_at_steps=(), kill_during_checkpoint: int | None = None) -> Faults:
+def install(nan_at_steps=(), kill_during_checkpoint: int | None = None,
+            disk_full_at_checkpoint: int | None = None) -> Faults:
     """Replaces the installed faults; returns them."""
     FAULTS.nan_at_steps = frozenset(int(s) for s in nan_at_steps)
     FAULTS.kill_during_checkpoint = None if kill_during_checkpoint is None else int(kill_during_checkpoint)
+    FAULTS.disk_full_at_checkpoint = None if disk_full_at_checkpoint is None else int(disk_full_at_checkpoint)
     return FAULTS
 
 

@@ -257,10 +257,18 @@ class _Run:
                 return {"step": s, "stopped": True}
         return {"step": self.step, "stopped": False, **self._final_test()}
 
-    def close(self) -> None:
-        self.ckpt.wait()
-        self.ckpt.close()
-        self.log.close()
+    def close(self, failed: bool = False) -> None:
+        """Waits for pending checkpoint writes and closes the managers and the logger; after a failure (``failed``)
+        a write that fails too (the same full disk) is logged, not raised over the first error."""
+        try:
+            self.ckpt.wait()
+        except Exception as e:
+            if not failed:
+                raise
+            logger.warning("a pending checkpoint write failed too: %s", str(e).splitlines()[0][:300] if str(e) else e)
+        finally:
+            self.ckpt.close()
+            self.log.close()
 
 
 def run(config, workdir: str | os.PathLike, *, allow_config_change: bool = False, devices=None) -> dict[str, Any]:
@@ -297,9 +305,14 @@ def run(config, workdir: str | os.PathLike, *, allow_config_change: bool = False
         if created and jax.process_index() == 0:
             shutil.rmtree(workdir, ignore_errors=True)
         raise
+    failed = True
     try:
-        return r.train()
+        out = r.train()
+        failed = False
+        return out
     finally:
-        r.close()
-        if lock is not None:
-            lock.release()
+        try:
+            r.close(failed=failed)
+        finally:
+            if lock is not None:
+                lock.release()

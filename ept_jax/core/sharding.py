@@ -120,6 +120,29 @@ def logical_to_spec(
     return PartitionSpec(*out)
 
 
+def device_bytes(state: nnx.State, sizes: Mapping[str, int], rules=LOGICAL_RULES) -> int:
+    """Bytes of ``state`` (Variables with concrete or ``jax.ShapeDtypeStruct`` values) held by ONE device of a mesh
+    of ``sizes`` (``{"data": d, "fsdp": f, "tensor": t}``) under ``rules``: each array divided by the product of the
+    mesh axes its dimensions are split over (the largest shard; replicated dimensions are whole). No device is
+    needed: for planning a mesh (``python -m train.inspect --devices N``)."""
+
+    class _Sizes:  # what logical_to_spec reads of a mesh
+        shape = dict(sizes)
+
+    total = 0
+    for var in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        value = var.get_value() if isinstance(var, nnx.Variable) else var
+        shape = tuple(getattr(value, "shape", ()))
+        spec = logical_to_spec(logical_axes(var) if isinstance(var, nnx.Variable) else None, shape, _Sizes, rules)
+        n = math.prod(shape) * jax.numpy.dtype(value.dtype).itemsize
+        for dim, axes in enumerate(spec):
+            if axes is not None:
+                split = math.prod(sizes[a] for a in ((axes,) if isinstance(axes, str) else axes))
+                n = n // shape[dim] * -(-shape[dim] // split)
+        total += n
+    return int(total)
+
+
 def state_shardings(state: nnx.State, mesh: Mesh, rules=LOGICAL_RULES) -> nnx.State:
     """A pytree like ``state`` (an ``nnx.State`` of Variables) holding a ``NamedSharding`` per leaf."""
 

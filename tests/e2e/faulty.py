@@ -1,6 +1,7 @@
 """Runs a program with faults installed (:mod:`train.faults`, the reliability tests' seam):
 
-    python tests/e2e/faulty.py [--nan_at_steps=7,8] [--kill_during_checkpoint=15] -- train.main ARGS...
+    python tests/e2e/faulty.py [--nan_at_steps=7,8] [--kill_during_checkpoint=15] [--disk_full_at_checkpoint=15] \
+        -- train.main ARGS...
 
 installs the faults, then runs the module (``train.main``) as ``__main__`` with ``ARGS``.
 """
@@ -14,7 +15,8 @@ from pathlib import Path
 
 def main(argv: list[str]) -> None:
     if "--" not in argv:
-        raise SystemExit("usage: faulty.py [--nan_at_steps=A,B] [--kill_during_checkpoint=N] -- MODULE ARGS...")
+        raise SystemExit("usage: faulty.py [--nan_at_steps=A,B] [--kill_during_checkpoint=N] "
+                         "[--disk_full_at_checkpoint=N] -- MODULE ARGS...")
     cut = argv.index("--")
     options, (module, *args) = argv[:cut], argv[cut + 1:]
     kw = {}
@@ -22,7 +24,7 @@ def main(argv: list[str]) -> None:
         key, _, value = opt.removeprefix("--").partition("=")
         if key == "nan_at_steps":
             kw[key] = [int(v) for v in value.split(",") if v]
-        elif key == "kill_during_checkpoint":
+        elif key in ("kill_during_checkpoint", "disk_full_at_checkpoint"):
             kw[key] = int(value)
         else:
             raise SystemExit(f"faulty.py: unknown option {opt!r}")

@@ -40,6 +40,14 @@ def test_llama2_7b_counts():
     assert s["by_kind"]["A"] + s["by_kind"]["B"] + s["by_kind"]["kernels"] == 16_120_320
     assert s["adapted_linears"] == 32 * 6 and s["n_tasks"] == 4
     assert 6.7e9 < s["base"] < 6.8e9
+    # planning a mesh: fsdp 4 x tensor 2 over 8 devices holds an eighth of the bfloat16 base on each device
+    with config.unlocked():
+        config.mesh.update(data=1, fsdp=4, tensor=2)
+    mem = summarize(config, devices=8)["memory_per_device"]
+    assert mem["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert abs(mem["frozen_weights"] - s["base"] * 2 / 8) < 0.001 * s["base"] * 2 / 8
+    assert mem["adapter_gradients_and_adam_moments"] == 3 * mem["adapters"]
+    assert mem["total_without_activations"] == mem["frozen_weights"] + 4 * mem["adapters"]
 
 
 def test_lora_counts_have_no_routing():

@@ -157,6 +157,26 @@ def test_kill_9_during_a_checkpoint_write_resumes_from_the_previous_one(referenc
     assert_identical_runs(workdir, reference)
 
 
+def test_disk_full_during_a_checkpoint_is_one_line_and_the_same_command_resumes(reference, cache_dir, tmp_path):
+    """Writing checkpoint 15 fails with ENOSPC (``--disk_full_at_checkpoint``, the seam of :mod:`train.faults`):
+    exit 2 with one line naming the checkpoint's path, the bytes it needs and the intact previous checkpoint;
+    checkpoint 10 is untouched, 15 never committed; the same command, with space back, resumes from 10 and ends
+    identical to an uninterrupted run."""
+    workdir = tmp_path / "full"
+    out = cli(workdir, cache_dir, faults=["--disk_full_at_checkpoint=15"])
+    ckpts = workdir / "checkpoints"
+    line = assert_one_line_refusal(out, f"writing checkpoint 15 to {ckpts / '15'}",
+                                   f"the previous checkpoint ({ckpts / '10'}) is intact", only_line=False)
+    assert line.startswith("error: DiskFullError: no space left on the device") and "bytes" in line, line
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["10", "5"]
+    assert_same_params(params(ckpts / "10/params"), params(reference / "checkpoints/10/params"), "10")
+
+    out = cli(workdir, cache_dir)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert f"resumed from {ckpts / '10'} at step 10" in out.stderr
+    assert_identical_runs(workdir, reference)
+
+
 def test_nan_loss_skip_policy_counts_and_finishes_finite(reference, cache_dir, tmp_path):
     workdir = tmp_path / "skip"
     out = cli(workdir, cache_dir, ["--config.train.nan_policy=skip"], faults=["--nan_at_steps=7,8"])

@@ -80,3 +80,26 @@ def test_linear_carries_axes():
     spec = nnx.get_partition_spec(nnx.state(lin))["kernel"].value
     assert spec == P("embed", "mlp")
     assert lin(jnp.ones((2, 4))).shape == (2, 6)
+
+
+def test_device_bytes_divides_each_array_by_the_mesh_axes_it_is_split_over():
+    """``embed`` splits over fsdp, ``mlp`` over tensor, a rank axis is replicated, and a dimension the mesh axes do
+    not divide stays whole (as the shardings the trainer applies)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ept_jax.core.params import param
+    from ept_jax.core.sharding import device_bytes
+
+    class M(nnx.Module):
+        def __init__(self):
+            self.w = param(jnp.zeros((8, 12), jnp.float32), ("embed", "mlp"))  # 384 bytes
+            self.a = param(jnp.zeros((4, 8), jnp.bfloat16), ("lora_rank", "embed"))  # 64 bytes
+            self.odd = param(jnp.zeros((6,), jnp.float32), ("embed",))  # 24 bytes; 6 % 4 != 0
+
+    state = nnx.state(M())
+    assert device_bytes(state, {"data": 1, "fsdp": 1, "tensor": 1}) == 384 + 64 + 24
+    assert device_bytes(state, {"data": 8, "fsdp": 1, "tensor": 1}) == 384 + 64 + 24  # data: replicated
+    assert device_bytes(state, {"data": 1, "fsdp": 4, "tensor": 2}) == 384 // 8 + 64 // 4 + 24
+    assert device_bytes(nnx.eval_shape(lambda: nnx.state(M())), {"data": 1, "fsdp": 2, "tensor": 3}) == \
+        384 // 6 + 64 // 2 + 24 // 2
