@@ -35,8 +35,3 @@ def install(nan_at_steps=(), kill_during_checkpoint: int | None = None,
     FAULTS.kill_during_checkpoint = None if kill_during_checkpoint is None else int(kill_during_checkpoint)
     FAULTS.disk_full_at_checkpoint = None if disk_full_at_checkpoint is None else int(disk_full_at_checkpoint)
     return FAULTS
-
-
-def reset() -> None:
-    """No fault."""
-    install()

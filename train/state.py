@@ -38,15 +38,11 @@ def build_model(config) -> nnx.Module:
     kernel size the variant cannot use, an unknown target, a model directory without weights, ...).
     ``model.scan_layers`` (default True) is applied with :func:`ept_jax.models.layer_scan.set_scan_layers`.
     """
-    model = _build_model(config)
-    layer_scan.set_scan_layers(model, bool(config.model.get("scan_layers", True)))
-    return model
-
-
-def _build_model(config) -> nnx.Module:
     from train.builder import model_from_config
 
-    return model_from_config(config)
+    model = model_from_config(config)
+    layer_scan.set_scan_layers(model, bool(config.model.get("scan_layers", True)))
+    return model
 
 
 def vocab_size(model) -> int:

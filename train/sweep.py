@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from train.configuration import apply, parse_assignments  # noqa: F401 (re-exported: train.sweep.apply)
+from train.configuration import apply, parse_assignments
 from train.errors import EXIT_USER_ERROR, USER_ERRORS, one_line
 
 

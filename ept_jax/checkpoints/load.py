@@ -12,7 +12,6 @@ initialised for real (or left abstract for an importer that fills them, ``abstra
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -147,10 +146,3 @@ def hf_mapping(family: str, cfg):
     else:
         from ept_jax.checkpoints import llama_map as m
     return m.hf_rules(cfg), m.hf_ignore(cfg)
-
-
-def model_family(name_or_path: str | os.PathLike) -> str:
-    """The family (``"t5"`` / ``"llama"``) of a checkpoint directory, hub id or ``.gguf`` file."""
-    if Path(name_or_path).suffix == ".gguf":
-        return "llama"
-    return family_of(read_config(resolve_model_dir(name_or_path)).get("model_type", ""))
