@@ -8,4 +8,13 @@ export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 # dominates and running them unoptimised costs nothing; the same values to rounding (every tolerance unchanged).
 # Subprocesses inherit it (it is a JAX setting, not an XLA_FLAGS entry, which several tests replace).
 export JAX_DISABLE_MOST_OPTIMIZATIONS="${JAX_DISABLE_MOST_OPTIMIZATIONS:-1}"
-exec python -m pytest -q -n "${PYTEST_WORKERS:-2}" --durations=15 "$@"
+# One persistent compilation cache for the session (train.compile_cache), every program in it however fast it
+# compiled: the tests' subprocess runs of one config compile once. Fresh per session, so a local run is timed as CI's
+# clean machine is; EPT_COMPILATION_CACHE set by the caller wins.
+if [ -z "${EPT_COMPILATION_CACHE:-}" ]; then
+  EPT_COMPILATION_CACHE="$(mktemp -d "${TMPDIR:-/tmp}/ept-test-cache.XXXXXX")"
+  export EPT_COMPILATION_CACHE
+  trap 'rm -rf "$EPT_COMPILATION_CACHE"' EXIT
+fi
+export EPT_COMPILATION_CACHE_MIN_SECS="${EPT_COMPILATION_CACHE_MIN_SECS:-0}"
+python -m pytest -q -n "${PYTEST_WORKERS:-2}" --durations=15 "$@"

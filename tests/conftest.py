@@ -57,3 +57,14 @@ def smollm2_gguf():
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def pytest_configure(config):
+    """The session's persistent compilation cache (``scripts/test.sh`` sets ``EPT_COMPILATION_CACHE``) serves the
+    in-process tests too: a program compiled by one test (or one worker) is loaded by the next that builds it."""
+    import os
+
+    if os.environ.get("EPT_COMPILATION_CACHE"):
+        from train import compile_cache
+
+        compile_cache.enable()

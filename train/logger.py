@@ -58,6 +58,21 @@ def _finite_or_none(v: Any) -> Any:
     return v
 
 
+
+def _summary_writer_class():
+    """tensorboardX's ``SummaryWriter``, imported without PyTorch: tensorboardX imports torch at import time when it
+    is installed (1.5 s of a run's start-up, for tensor types this logger never passes: it writes Python floats).
+    Where torch is already imported, it is left as it is."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # makes ``import torch`` raise ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter
+
 class _Progress:
     """A tqdm bar on a terminal; otherwise nothing (the log lines carry the progress)."""
 
@@ -114,8 +129,7 @@ class MetricsLogger:
         if is_main:
             truncate_metrics(self.workdir, start_step)
             try:
-                from tensorboardX import SummaryWriter
-
+                SummaryWriter = _summary_writer_class()
                 # purge_step: events past the restored step, written by the interrupted run, are hidden.
                 self.tb = SummaryWriter(str(self.workdir / "tb"), purge_step=start_step + 1 if start_step else None)
             except ImportError:
