@@ -2,10 +2,10 @@
 
 A shared 2-core VM drifted by up to ~1.6 x within one run (the limit measured 440 and 830 ms in the same
 process, minutes apart), so a quotient of two medians taken minutes apart can be off by that much. Here the
-main-shape programs of :data:`ROWS` (training steps, and greedy generation with the base and the EPT-merged
-model) are all compiled first, then timed in ``rounds`` rounds; each round times
-every row ``reps`` times, the rows in a rotated order. A ratio is computed within each round (the quotient of
-the two rows' medians in that round) and reported as the median over rounds, with the per-round values.
+main-shape programs of :data:`ROWS` (training steps, qwix's LoRA step among them, and greedy generation with the
+base and the EPT-merged model) are all compiled first, then timed in ``rounds`` rounds; each round times every
+row ``reps`` times, the rows in a rotated order. A ratio is computed within each round (the quotient of the two rows'
+medians in that round) and reported as the median over rounds, with the per-round values.
 
 Output (``result["interleaved"][model]``): ``rounds``, ``reps``, ``rows`` (``name -> {"median_s", "times_s"}``,
 ``times_s`` a list per round) and ``ratios`` (``name``, ``value``, ``per_round``, ``target``, ``met``).
@@ -17,9 +17,9 @@ import gc
 import statistics
 from typing import Any
 
-from benchmarks import jax_rows, measure
+from benchmarks import jax_rows, measure, qwix_peer, setups
 
-ROWS = ("limit", "lora", "ept_reference", "ept_paper", "generate_base", "generate_merged")
+ROWS = ("limit", "lora", "ept_reference", "ept_paper", "qwix_lora", "generate_base", "generate_merged")
 #: generation rows of the rounds, built from the ept_reference row's state (:func:`jax_rows.generation_models`)
 GENERATE = ("generate_base", "generate_merged")
 
@@ -29,21 +29,27 @@ def interleaved(spec, tensors, adapters: dict[str, dict[str, Any]], ratio_specs,
     """Times :data:`ROWS` of ``spec`` at its main shapes in interleaved rounds (see the module docstring).
 
     Args:
-      adapters: the adapter overrides of the training rows (``benchmarks.run.ADAPTERS``).
+      adapters: the adapter overrides of the training rows (``benchmarks.run.ADAPTERS``; ``qwix_lora`` runs at the
+        ``lora`` row's settings).
       ratio_specs: ``(name, numerator, denominator, target)`` tuples; those over the timed rows are computed.
       skip: rows of :data:`ROWS` to leave out; ``generate`` (or ``ept_reference``, whose state they use) leaves out
-        the generation rows.
+        the generation rows. ``qwix_lora`` is left out too when qwix is not installed.
     Raises:
       ValueError: ``rounds < 1`` or ``reps < 1``.
     """
     if rounds < 1 or reps < 1:
         raise ValueError(f"rounds={rounds}, reps={reps}: need both >= 1")
     no_generation = "generate" in skip or "ept_reference" in skip
+    if qwix_peer.unavailable() is not None:
+        skip = frozenset(skip) | {"qwix_lora"}
     names = tuple(n for n in ROWS if n not in skip and not (n in GENERATE and no_generation))
     calls = {}
     for name in (n for n in names if n not in GENERATE):
         if name == "limit":
             gen = jax_rows.limit_calls(spec, tensors, (spec.seq,), dtype=dtype)
+        elif name == "qwix_lora":
+            config = setups.bench_config(spec, adapters["lora"], dtype=dtype)
+            gen = iter([(None, qwix_peer.train_call(spec, tensors, config, dtype=dtype)[0])])
         else:
             gen = jax_rows.train_calls(spec, adapters[name], tensors, (spec.seq,), dtype=dtype)
         item = next(gen)

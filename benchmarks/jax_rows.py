@@ -49,7 +49,7 @@ def _memory(compiled, sampler_delta: int | None) -> dict[str, Any]:
     return mem
 
 
-def _finish(r: dict[str, Any], timing: dict[str, Any], compiled, compile_s: float, dtype: str) -> dict[str, Any]:
+def finish_row(r: dict[str, Any], timing: dict[str, Any], compiled, compile_s: float, dtype: str) -> dict[str, Any]:
     r.update(median_s=timing["median_s"], times_s=timing["times_s"], warmup=timing["warmup"], compile_s=compile_s,
              memory=_memory(compiled, timing.get("rss_peak_delta_bytes")))
     if r["tokens"]:
@@ -59,7 +59,7 @@ def _finish(r: dict[str, Any], timing: dict[str, Any], compiled, compile_s: floa
     return r
 
 
-def _sampler() -> measure.RssSampler | None:
+def rss_sampler() -> measure.RssSampler | None:
     return measure.RssSampler() if jax.default_backend() == "cpu" else None
 
 
@@ -127,11 +127,11 @@ def limit_rows(spec: ModelSpec, tensors: dict[str, np.ndarray], seqs: tuple[int,
     """The limit (:func:`limit_calls`) timed at each sequence length of ``seqs``."""
     rows = []
     for shapes, call, compiled, compile_s, weights in limit_calls(spec, tensors, seqs, dtype=dtype):
-        timing = measure.time_calls(call, reps=reps, warmup=warmup, sampler=_sampler())
+        timing = measure.time_calls(call, reps=reps, warmup=warmup, sampler=rss_sampler())
         r = row(spec, "limit", "limit", shapes, tokens=setups.tokens(spec, shapes),
                 flops_per_call=setups.frozen_flops(spec, weights, shapes),
                 params={"base": setups.count(weights), "trainable": 0})
-        rows.append(_finish(r, timing, compiled, compile_s, dtype))
+        rows.append(finish_row(r, timing, compiled, compile_s, dtype))
     return rows
 
 
@@ -174,13 +174,13 @@ def train_rows(spec: ModelSpec, name: str, adapter: dict[str, Any], tensors: dic
     rows, st = [], None
     for shapes, call, compiled, compile_s, st, step_fn, flat in train_calls(spec, adapter, tensors, seqs,
                                                                            dtype=dtype):
-        timing = measure.time_calls(call, reps=reps, warmup=warmup, sampler=_sampler())
+        timing = measure.time_calls(call, reps=reps, warmup=warmup, sampler=rss_sampler())
         step_fn.sync(flat, st)
         params = {"base": setups.count(st.frozen), "trainable": setups.count(st.trainable)}
         r = row(spec, name, "train", shapes, sweep=sweep, n_experts=n_experts, tokens=setups.tokens(spec, shapes),
                 flops_per_call=setups.frozen_flops(spec, st.frozen, shapes), params=params,
                 adapter={k: (list(v) if isinstance(v, tuple) else v) for k, v in adapter.items()})
-        rows.append(_finish(r, timing, compiled, compile_s, dtype))
+        rows.append(finish_row(r, timing, compiled, compile_s, dtype))
     gc.collect()
     return rows, st
 
@@ -207,11 +207,11 @@ def generate_row(spec: ModelSpec, name: str, graphdef, state: nnx.State, ctx: Ad
     """The row of :func:`generate_call`; ``tokens_per_s`` counts generated tokens, ``B * gen_new`` per call
     (prefill / encoding included in the time)."""
     call, compiled, compile_s = generate_call(spec, graphdef, state, ctx)
-    timing = measure.time_calls(call, reps=reps, warmup=warmup, sampler=_sampler())
+    timing = measure.time_calls(call, reps=reps, warmup=warmup, sampler=rss_sampler())
     shapes = {"batch": spec.batch, "prompt_len": spec.gen_prompt, "new_tokens": spec.gen_new}
     r = row(spec, name, "generate", shapes, tokens=spec.batch * spec.gen_new,
             program=measure.program_fingerprint(compiled))
-    return _finish(r, timing, compiled, compile_s, dtype)
+    return finish_row(r, timing, compiled, compile_s, dtype)
 
 
 def generation_models(spec: ModelSpec, tensors: dict[str, np.ndarray], ept: state_lib.TrainState, *, dtype: str):

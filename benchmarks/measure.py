@@ -170,7 +170,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(mod: str) -> str | None:
+def package_version(mod: str) -> str | None:
     try:
         from importlib.metadata import version
 
@@ -195,7 +195,8 @@ def machine() -> dict[str, Any]:
         "jax_backend": jax.default_backend(),
         "jax_device_kind": dev.device_kind,
         "jax_device_count": jax.device_count(),
-        "versions": {m: _version(m) for m in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft")},
+        "versions": {m: package_version(m) for m in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft",
+                                                    "qwix")},
     }
 
 

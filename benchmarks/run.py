@@ -8,7 +8,10 @@ all at the same batch and lengths:
 3. ``ept_materialized``: the reference variant through materialised per-task deltas;
 4. ``lora``: ept_jax LoRA at the same rank;
 5. ``torch_peft_lora``: transformers + PEFT LoRA on the same weights and batch, one AdamW step;
-6. ``generate_base`` / ``generate_merged`` / ``generate_unmerged``: greedy tokens/s;
+6. ``qwix_lora``: qwix's LoRA (the LoRA of Tunix and MaxText; :mod:`benchmarks.qwix_peer`) on ept_jax's plain model
+   at the same rank, targets and batch, one optax AdamW step (layers unrolled: qwix's module paths leave nothing to
+   scan);
+7. ``generate_base`` / ``generate_merged`` / ``generate_unmerged``: greedy tokens/s;
 
 plus the sweeps (``--no-sweeps`` skips them): ``limit``, ``ept_reference`` and ``lora`` at the other sequence
 lengths (``sweep="seq_len"``), ``ept_reference`` with fewer experts (``sweep="experts"``), and ``ept_reference``
@@ -55,6 +58,8 @@ RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
     ("ept_reference/torch_peft_lora", "ept_reference", "torch_peft_lora", 1.0),
     ("ept_paper/torch_peft_lora", "ept_paper", "torch_peft_lora", 1.0),
     ("lora/torch_peft_lora", "lora", "torch_peft_lora", None),
+    ("lora/qwix_lora", "lora", "qwix_lora", None),
+    ("ept_reference/qwix_lora", "ept_reference", "qwix_lora", None),
     ("ept_reference_threefry/ept_reference", "ept_reference_threefry", "ept_reference", None),
     ("ept_reference_nodropout/limit", "ept_reference_nodropout", "limit", None),
 )
@@ -75,7 +80,7 @@ DROPOUT_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (
 RATIO_SWEEPS = ("main", "dropout")
 # --skip: rows a run may leave out (recorded with status "skipped"); "generate" is all three generation rows,
 # which also need the ept_reference row (its trained state is what they merge).
-SKIPPABLE = ("ept_reference", "ept_paper", "lora", "ept_materialized", "generate", "torch_peft_lora")
+SKIPPABLE = ("ept_reference", "ept_paper", "lora", "ept_materialized", "generate", "torch_peft_lora", "qwix_lora")
 GENERATE_ROWS = ("generate_base", "generate_merged", "generate_unmerged")
 SEQ_SWEPT = ("limit", "ept_reference", "lora")
 QUICK_XLA_FLAG = "--xla_backend_optimization_level=0"
@@ -105,14 +110,14 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run_model(spec, *, reps: int, warmup: int, dtype: str, torch_peer: bool, log, sweeps: bool = True,
               rounds: int = 0, round_reps: int = 3,
               skip: frozenset[str] = frozenset()) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Every row of one model (order: limit, adapters, dropout rows, expert sweep, generation, the PyTorch peer),
-    then, with ``rounds > 0``, the interleaved timing of :mod:`benchmarks.interleaved` (else None).
+    """Every row of one model (order: limit, adapters, dropout rows, expert sweep, generation, the qwix peer, the
+    PyTorch peer), then, with ``rounds > 0``, the interleaved timing of :mod:`benchmarks.interleaved` (else None).
 
     ``sweeps=False`` runs the main shapes only: no sequence-length, expert-count or dropout rows. ``skip``
     (names of :data:`SKIPPABLE`) leaves rows out; they are recorded as skipped, and the interleaved rounds and
     the ept_reference sweeps leave them out too.
     """
-    from benchmarks import jax_rows, setups
+    from benchmarks import jax_rows, qwix_peer, setups
     from benchmarks import torch_peer as peer
 
     hf = setups.hf_model(spec)
@@ -169,6 +174,15 @@ def run_model(spec, *, reps: int, warmup: int, dtype: str, torch_peer: bool, log
     del ept_state, gen
     gc.collect()
     base = next(r for r in rows if r["row"] == "limit" and r["sweep"] == "main")
+    if "qwix_lora" in skip:
+        q = skipped("qwix_lora")
+    else:
+        q = qwix_peer.qwix_row(spec, tensors, setups.bench_config(spec, dict(ADAPTERS)["lora"], dtype=dtype),
+                               reps=reps, warmup=warmup, dtype=dtype, base_row=base)
+    rows.append(q)
+    log([q])
+    del q
+    gc.collect()
     if torch_peer and "torch_peft_lora" not in skip:
         config = setups.bench_config(spec, dict(ADAPTERS)["lora"], dtype=dtype)
         t = peer.peft_row(spec, hf, config, reps=reps, warmup=warmup, base_row=base)

@@ -25,6 +25,7 @@ WHAT = {
     "ept_reference_nodropout": "EPT reference step, no dropout",
     "lora": "LoRA step (ept_jax), same rank",
     "torch_peft_lora": "PyTorch + PEFT LoRA step, same rank",
+    "qwix_lora": "qwix LoRA step (Tunix's, MaxText's), same rank",
     "generate_base": "greedy generation, base model",
     "generate_merged": "greedy generation, EPT merged (task 0)",
     "generate_unmerged": "greedy generation, EPT unmerged (routed)",
@@ -73,6 +74,9 @@ def model_tables(result: dict[str, Any], model: str) -> list[str]:
             f"| {r['row']} | {WHAT.get(r['row'], '')} | {r['median_s'] * 1e3:.2f} | {_num(r['tokens_per_s'], '.0f')} "
             f"| {_num(comp, '.1f')} | {_mib(mem.get('xla_peak_bytes'))} | {_mib(mem.get('rss_peak_delta_bytes'))} "
             f"| {_num(r.get('mfu'), '.1%')} |")
+    notes = [r for r in rows if r["sweep"] in ("main", "dropout") and r.get("notes")]
+    if notes:
+        lines += [""] + [f"{r['row']}: {r['notes']}." for r in notes]
     lines += ["", "| ratio (time / time) | value | target | met |", "| --- | ---: | ---: | --- |"]
     for q in result["ratios"]:
         if q["model"] != model:

@@ -226,9 +226,10 @@ def compare(config, workdir: str | Path, methods=METHODS, *, allow_config_change
         runs[method] = {"scores": scores, "facts": facts, "wall_s": wall}
         logging.info("compare: %s: %s", method, scores or facts.get("choices", {}).get("mean"))
     table = format_table(config, runs)
-    (parent / TABLE_FILE).write_text(table)
-    rundir.write_json_atomic(parent / SUMMARY_FILE, {"runs": runs, "config": configuration.to_dict(config)})
-    plot_curves(runs, parent / PLOT_FILE)
+    if rundir.is_writer():  # process 0 of a multi-process job
+        (parent / TABLE_FILE).write_text(table)
+        rundir.write_json_atomic(parent / SUMMARY_FILE, {"runs": runs, "config": configuration.to_dict(config)})
+        plot_curves(runs, parent / PLOT_FILE)
     return {"runs": runs, "table": table}
 
 

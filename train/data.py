@@ -13,7 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ept_jax.data import EncodedTask, TaskData, TrainBatches, encode_decoder_only, encode_seq2seq, load_task
+from ept_jax.data import (
+    DECODER,
+    SEQ2SEQ,
+    EncodedTask,
+    LazyEncodedTask,
+    TaskData,
+    TrainBatches,
+    encode_decoder_only,
+    encode_seq2seq,
+    load_task,
+    pad_id_of,
+)
 from train.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -61,15 +72,16 @@ def load_tasks(config) -> list[TaskData]:
 
 
 def _encoder(config, tokenizer):
+    """``(encode(examples, log=True) -> EncodedTask, kind)`` at the config's static lengths."""
     if str(config.model.family) == "t5":
-        return lambda examples: encode_seq2seq(
+        return lambda examples, log=True: encode_seq2seq(
             examples, tokenizer, max_source_length=int(config.data.max_source_length),
-            max_target_length=int(config.data.max_target_length),
-        )
+            max_target_length=int(config.data.max_target_length), log=log,
+        ), SEQ2SEQ
     length = int(config.data.max_source_length) + int(config.data.max_target_length)
-    return lambda examples: encode_decoder_only(
-        examples, tokenizer, max_length=length, max_prompt_length=int(config.data.max_source_length)
-    )
+    return lambda examples, log=True: encode_decoder_only(
+        examples, tokenizer, max_length=length, max_prompt_length=int(config.data.max_source_length), log=log,
+    ), DECODER
 
 
 def _semantic_index(config, tasks: list[TaskData], workdir):
@@ -89,16 +101,22 @@ def _semantic_index(config, tasks: list[TaskData], workdir):
                              embedder_name=str(config.adapter.get("trex_embedder", DEFAULT_EMBEDDER)))
 
 
-def build_data(config, tokenizer, decoder_start_token_id: int, *, workdir=None) -> Data:
+def build_data(config, tokenizer, decoder_start_token_id: int, *, workdir=None, rows=None) -> Data:
     """Loads, encodes and batches the tasks of ``config`` (see the module docstring).
 
+    Training examples are tokenised when a batch first needs them, and only those of ``rows`` (this process's
+    rows of every global batch; None: all): in a multi-process job each process encodes only its own rows
+    (:class:`~ept_jax.data.lazy.LazyEncodedTask`). The evaluation sets are encoded at once, on every process.
+
     ``adapter.kind="trex"``: every batch also carries ``semantic (B, r1 * r2)`` (see :mod:`ept_jax.data.semantic`),
-    cached in ``data.semantic_cache_dir`` (None: ``<workdir>/semantic``).
+    cached in ``data.semantic_cache_dir`` (None: ``<workdir>/semantic``); its centroids are fitted on every training
+    source, on every process.
     """
     tasks = load_tasks(config)
     index = _semantic_index(config, tasks, workdir)
-    encode = _encoder(config, tokenizer)
-    encoded_train = [encode(td.train) for td in tasks]
+    encode, kind = _encoder(config, tokenizer)
+    encoded_train = [LazyEncodedTask(td.task, td.train, encode, kind=kind, pad_id=pad_id_of(tokenizer, kind))
+                     for td in tasks]
     limit = config.eval.max_examples
 
     def sets(kind: str) -> list[EvalSet]:
@@ -121,7 +139,7 @@ def build_data(config, tokenizer, decoder_start_token_id: int, *, workdir=None) 
         else dict(max_length=int(config.data.max_source_length) + int(config.data.max_target_length))
     )
     batches = TrainBatches(encoded_train, int(config.train.batch_size), strategy=str(config.data.sampling),
-                           seed=int(config.train.seed), **lengths,
+                           seed=int(config.train.seed), rows=rows, **lengths,
                            semantic=None if index is None else [index.vectors([e.source for e in td.train])
                                                                 for td in tasks])
     sizes = {td.task: len(td.train) for td in tasks}

@@ -52,8 +52,8 @@ def run(config, workdir: str | Path, *, allow_config_change: bool = False, devic
       UserError / ValueError / ...: as :func:`train.loop.run` (bad config, input files, workdir of another run).
     """
     workdir = Path(workdir)
-    dist = sharding_lib.maybe_initialize_distributed()
-    is_main = dist.process_index == 0
+    sharding_lib.maybe_initialize_distributed()
+    is_main = rundir.is_writer()
     configuration.validate(config)
     configuration.check_same_across_processes(config)
     if is_main:

@@ -88,8 +88,8 @@ class _Run:
     def __init__(self, config, workdir: Path, *, allow_config_change: bool, devices):
         self.config = config
         self.workdir = workdir
-        dist = sharding_lib.maybe_initialize_distributed()
-        self.is_main = dist.process_index == 0
+        sharding_lib.maybe_initialize_distributed()
+        self.is_main = rundir.is_writer()
         configuration.validate(config)
         configuration.check_same_across_processes(config)
         if self.is_main:
@@ -107,8 +107,12 @@ class _Run:
         model = state_lib.build_model(config)
         self.tokenizer = state_lib.load_tokenizer(config)
         state_lib.check_tokenizer(self.tokenizer, model)
+        # This process's rows of every global batch: only those are read, tokenised and collated here.
+        self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
+        self.global_batch = int(config.train.batch_size)
+        self.rows = sharding_lib.process_rows(self.batch_sharding, self.global_batch)
         self.data = build_data(config, self.tokenizer, getattr(model.cfg, "decoder_start_token_id", 0),
-                               workdir=workdir)
+                               workdir=workdir, rows=None if len(self.rows) == self.global_batch else self.rows)
         state_lib.check_lr_multipliers(config, nnx.state(model, TRAINABLE))
         self.tx, self.schedule = state_lib.make_optimizer(config)
         self.state = state_lib.create_train_state(model, self.tx, self.mesh)
@@ -138,7 +142,6 @@ class _Run:
                                  is_main=self.is_main)
         self.train_step = steps.make_train_step(self.state, self.tx, self.schedule, self.mesh,
                                                 **state_lib.step_options(config))
-        self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
 
     # -- pieces of the loop --------------------------------------------------------------------------------
 
@@ -151,6 +154,10 @@ class _Run:
         dispatched asynchronously, so the time is read after their results arrive, never before)."""
         fetched = jax.device_get(pending)
         seconds = time.time() - t_start
+        if jax.process_count() > 1:  # each process counted the tokens of its own rows
+            from jax.experimental import multihost_utils
+
+            tokens = int(np.sum(multihost_utils.process_allgather(np.asarray(tokens, np.int32))))
         record, bad = _summarise(fetched)
         if bad:
             bad_steps = [first_step + i + 1 for i in bad]
@@ -233,7 +240,8 @@ class _Run:
         flat = self.train_step.flatten(self.state)  # the loop's parameters; self.state is synced when read
         while self.step < total:
             np_batch = next(self.data.batches)
-            batch = {k: state_lib.put_global(v, self.batch_sharding) for k, v in np_batch.items()}
+            batch = {k: state_lib.put_rows(v, self.batch_sharding, self.rows, self.global_batch)
+                     for k, v in np_batch.items()}
             tokens += int(np_batch["attention_mask"].sum()) + int(np_batch["label_mask"].sum())
             frozen = jax.tree.leaves(_poisoned(self.state.frozen)) if self.step + 1 in nan_steps else None
             pending.append(self.train_step.advance(flat, batch, np.int32(self.step), frozen))
@@ -254,8 +262,17 @@ class _Run:
             pending, interval_start, tokens, t_interval = [], s, 0, time.time()
             if stop_after is not None and is_ckpt and s >= stop_after and s < total:
                 logger.info("%s=%d: stopping after the checkpoint at step %d", STOP_ENV, stop_after, s)
+                self._log_encoded()
                 return {"step": s, "stopped": True}
+        self._log_encoded()
         return {"step": self.step, "stopped": False, **self._final_test()}
+
+    def _log_encoded(self) -> None:
+        """How many training examples this process tokenised: those of its own rows of the batches it ran."""
+        counts = [len(t.encoded_indices) for t in self.data.batches.tasks if hasattr(t, "encoded_indices")]
+        logger.info("process %d: tokenised %d of %d training examples (its %d rows of every batch of %d)",
+                    jax.process_index(), sum(counts), sum(self.data.train_sizes.values()), len(self.rows),
+                    self.global_batch)
 
     def close(self, failed: bool = False) -> None:
         """Waits for pending checkpoint writes and closes the managers and the logger; after a failure (``failed``)
@@ -286,7 +303,7 @@ def run(config, workdir: str | os.PathLike, *, allow_config_change: bool = False
     created = not Path(workdir).exists()
     sharding_lib.maybe_initialize_distributed()  # before anything touches a JAX backend (jax.process_index too)
     # one workdir, one run (train/rundir.py); of a multi-process job, process 0 holds it for the job
-    lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
+    lock = WorkdirLock(workdir) if rundir.is_writer() else None
     try:
         if lock is not None:
             lock.acquire()
@@ -302,7 +319,7 @@ def run(config, workdir: str | os.PathLike, *, allow_config_change: bool = False
         if lock is not None:
             lock.release()
         # Nothing was trained: a refused command leaves no empty (or config-only) workdir behind.
-        if created and jax.process_index() == 0:
+        if created and rundir.is_writer():
             shutil.rmtree(workdir, ignore_errors=True)
         raise
     failed = True

@@ -115,6 +115,14 @@ def run_identity(config) -> dict[str, Any]:
     return json.loads(json.dumps(identity))
 
 
+def is_writer() -> bool:
+    """Whether this process writes a run's files (metrics, TensorBoard, results, tables, plots, reports, exports):
+    process 0 of a multi-process job; the others compute the same values and write nothing."""
+    import jax
+
+    return jax.process_index() == 0
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Writes ``data`` as JSON to ``path`` through a temporary file and a rename (never half-written)."""
     tmp = path.with_name(path.name + ".tmp")

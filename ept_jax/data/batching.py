@@ -208,15 +208,21 @@ def eval_batches(encoded: EncodedTask, task_id: int, batch_size: int, *, max_len
 class TrainBatches:
     """Endless, resumable training batches: a :class:`MultiTaskSampler` feeding a collate function.
 
+    The sampler draws the global batch (``batch_size`` ``(task, example)`` pairs: integers only, the same on every
+    process); with ``rows``, only those rows of it are collated (a process's share of a batch sharded over
+    processes), and tasks given as :class:`~ept_jax.data.lazy.LazyEncodedTask` encode only the examples of those
+    rows. The state (:meth:`state_dict`) is the sampler's, the same on every process.
+
     Args:
-      tasks: the encoded training data of each task; task id = position.
-      batch_size: static batch size.
+      tasks: the training data of each task (:class:`EncodedTask` or ``LazyEncodedTask``); task id = position.
+      batch_size: static (global) batch size.
       strategy, seed: passed to :class:`MultiTaskSampler`.
       max_source_length, max_target_length: seq2seq static lengths.
       max_length: decoder-only static length.
       decoder_start_token_id: seq2seq decoder start id (T5: 0).
       semantic: optional, per task, ``(n_i, K)`` per-example vectors (T-REX, :mod:`ept_jax.data.semantic`); the
         batches then also carry ``semantic (B, K)`` float32.
+      rows: the rows of every global batch to collate, increasing, in ``[0, batch_size)``; None: all.
     """
 
     def __init__(
@@ -231,9 +237,15 @@ class TrainBatches:
         max_length: int | None = None,
         decoder_start_token_id: int = 0,
         semantic: Sequence[np.ndarray] | None = None,
+        rows: Sequence[int] | None = None,
     ):
         if not tasks:
             raise ValueError("TrainBatches needs at least one task")
+        if rows is not None:
+            rows = [int(r) for r in rows]
+            if not rows or rows != sorted(set(rows)) or rows[0] < 0 or rows[-1] >= batch_size:
+                raise ValueError(f"rows={rows}: must be increasing row indices in [0, batch_size={batch_size})")
+        self.rows = rows
         kinds = {t.kind for t in tasks}
         if len(kinds) != 1:
             raise ValueError(f"tasks mix encodings {sorted(kinds)}; encode them all for one model kind")
@@ -265,6 +277,12 @@ class TrainBatches:
 
     def __next__(self) -> Batch:
         items = next(self.sampler)
+        if self.rows is not None:
+            items = [items[r] for r in self.rows]
+        for t in sorted({t for t, _ in items}):
+            ensure = getattr(self.tasks[t], "ensure", None)  # LazyEncodedTask: encode this batch's examples at once
+            if ensure is not None:
+                ensure([i for u, i in items if u == t])
         batch = self._collate(items)
         if self.semantic is not None:
             batch["semantic"] = np.stack([self.semantic[t][i] for t, i in items])

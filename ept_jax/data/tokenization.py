@@ -120,8 +120,19 @@ def _log(stats: TruncationStats, task: str, limits: str) -> None:
         logger.warning("task %s: truncated to %s: %s", task, limits, stats.as_dict())
 
 
+def pad_id_of(tokenizer: Any, kind: str) -> int:
+    """The padding id of the encoder of ``kind``: seq2seq the tokenizer's pad id; decoder-only its pad id, or the
+    EOS when it has none."""
+    if kind == SEQ2SEQ:
+        return _special(tokenizer, "pad_token_id")
+    if kind == DECODER:
+        pad = getattr(tokenizer, "pad_token_id", None)
+        return int(pad) if pad is not None else _special(tokenizer, "eos_token_id")
+    raise ValueError(f"kind={kind!r}; accepted {SEQ2SEQ!r}, {DECODER!r}")
+
+
 def encode_seq2seq(
-    examples: Sequence[Example], tokenizer: Any, *, max_source_length: int, max_target_length: int
+    examples: Sequence[Example], tokenizer: Any, *, max_source_length: int, max_target_length: int, log: bool = True
 ) -> EncodedTask:
     """Encodes one task's examples for an encoder-decoder model (see the module docstring).
 
@@ -130,11 +141,12 @@ def encode_seq2seq(
       tokenizer: a Hugging Face tokenizer with ``eos_token_id`` and ``pad_token_id``.
       max_source_length: static encoder length ``Ls`` (>= 2).
       max_target_length: static decoder length ``Lt`` (>= 2).
+      log: warn about truncated examples (False: the caller reports ``stats`` itself).
     """
     _check_length("max_source_length", max_source_length, 2)
     _check_length("max_target_length", max_target_length, 2)
     task = _single_task(examples)
-    eos, pad = _special(tokenizer, "eos_token_id"), _special(tokenizer, "pad_token_id")
+    eos, pad = _special(tokenizer, "eos_token_id"), pad_id_of(tokenizer, SEQ2SEQ)
     stats = TruncationStats(examples=len(examples))
 
     def fit(ids: list[int], limit: int) -> tuple[np.ndarray, bool]:
@@ -155,7 +167,8 @@ def encode_seq2seq(
         stats.targets_truncated += cut_t
         sources.append(s)
         targets.append(t)
-    _log(stats, task, f"source {max_source_length}, target {max_target_length} tokens")
+    if log:
+        _log(stats, task, f"source {max_source_length}, target {max_target_length} tokens")
     return EncodedTask(task, SEQ2SEQ, sources, targets, sources, [e.target for e in examples], pad, stats)
 
 
@@ -167,6 +180,7 @@ def encode_decoder_only(
     max_prompt_length: int,
     add_bos: bool | None = None,
     separator: str = " ",
+    log: bool = True,
 ) -> EncodedTask:
     """Encodes one task's examples for a decoder-only model (see the module docstring).
 
@@ -177,12 +191,13 @@ def encode_decoder_only(
       max_prompt_length: static evaluation prompt length, >= 1.
       add_bos: prepend ``bos_token_id`` to prompts; default: when the tokenizer has one.
       separator: text between prompt and answer.
+      log: warn about truncated examples (False: the caller reports ``stats`` itself).
     """
     _check_length("max_length", max_length, 2)
     _check_length("max_prompt_length", max_prompt_length, 1)
     task = _single_task(examples)
     eos = _special(tokenizer, "eos_token_id")
-    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else eos
+    pad = pad_id_of(tokenizer, DECODER)
     bos_id = getattr(tokenizer, "bos_token_id", None)
     if add_bos is None:
         add_bos = bos_id is not None
@@ -220,5 +235,6 @@ def encode_decoder_only(
         inputs.append(np.asarray(eval_prompt, np.int32))
         train_inputs.append(np.asarray(train_prompt, np.int32))
         answers.append(np.asarray(answer, np.int32))
-    _log(stats, task, f"length {max_length}, prompt {max_prompt_length} tokens")
+    if log:
+        _log(stats, task, f"length {max_length}, prompt {max_prompt_length} tokens")
     return EncodedTask(task, DECODER, inputs, answers, train_inputs, [e.target for e in examples], int(pad), stats)

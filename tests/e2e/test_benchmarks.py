@@ -17,8 +17,9 @@ import pytest
 from benchmarks import allocator, interleaved, measure, run, setups, table
 
 REPO = Path(__file__).resolve().parents[2]
-MAIN_ROWS = {"limit", "ept_reference", "ept_paper", "ept_materialized", "lora", "torch_peft_lora", "generate_base",
-             "generate_merged", "generate_unmerged"}
+# every model's main rows (qwix_lora too: qwix intercepts ept_jax's Linears in T5 as in LLaMA)
+MAIN_ROWS = {"limit", "ept_reference", "ept_paper", "ept_materialized", "lora", "torch_peft_lora", "qwix_lora",
+             "generate_base", "generate_merged", "generate_unmerged"}
 ROW_KEYS = {"id", "model", "family", "row", "kind", "framework", "shapes", "status", "reason", "sweep", "n_experts",
             "median_s", "times_s", "warmup", "compile_s", "memory", "tokens", "tokens_per_s", "flops_per_call", "mfu",
             "params"}
@@ -82,6 +83,12 @@ def test_every_row_ran(quick):
         assert by["torch_peft_lora"]["params"]["trainable"] == by["lora"]["params"]["trainable"]
         assert by["limit"]["params"]["base"] == by["lora"]["params"]["base"] == by["ept_reference"]["params"]["base"]
         assert by["ept_reference"]["flops_per_call"] == by["limit"]["flops_per_call"] > 0
+        # qwix's LoRA (benchmarks.qwix_peer) on the same plain model: the same base, the same adapter parameters
+        q = by["qwix_lora"]
+        assert q["framework"] == "jax" and q["params"] == by["lora"]["params"]
+        assert q["flops_per_call"] == by["limit"]["flops_per_call"] and q["tokens"] == by["lora"]["tokens"]
+        assert q["scan_layers"] is False and "layers unrolled" in q["notes"]
+        assert q["versions"]["qwix"] == result["machine"]["versions"]["qwix"] is not None
         # merging leaves the base model's program: the same instructions on the same shapes; the routed
         # (unmerged) adapters add their own
         assert by["generate_merged"]["program"] == by["generate_base"]["program"]
@@ -128,6 +135,7 @@ def test_table_prints_every_model_row_and_ratio(quick, capsys):
     for name, *_ in run.RATIOS:
         assert f"| {name} |" in text
     assert "| ratio, interleaved |" in text
+    assert text.count("qwix_lora: qwix ") == len(setups.QUICK)  # the row's notes (layers unrolled, optax)
     assert text.count("generate_merged compiles to the same XLA program as generate_base") == len(setups.QUICK)
 
 
@@ -181,11 +189,13 @@ def test_skipped_rows_are_recorded_and_left_out_of_the_rounds():
     spec = setups.QUICK[1]
     rows, inter = run.run_model(spec, reps=1, warmup=0, dtype="float32", torch_peer=True, log=lambda r: None,
                                 sweeps=True, rounds=1, round_reps=1,
-                                skip=frozenset({"ept_reference", "ept_paper", "ept_materialized", "torch_peft_lora"}))
+                                skip=frozenset({"ept_reference", "ept_paper", "ept_materialized", "torch_peft_lora",
+                                                "qwix_lora"}))
     by = {r["row"]: r for r in rows}
     assert {r["row"] for r in rows if r["status"] == "ok"} == {"limit", "lora"}
     assert all(r["sweep"] in ("main", "seq_len") for r in rows)  # no EPT sweeps without the EPT row
     assert by["ept_paper"]["reason"] == "--skip" and by["torch_peft_lora"]["framework"] == "torch"
+    assert by["qwix_lora"]["reason"] == "--skip" and by["qwix_lora"]["framework"] == "jax"
     assert by["generate_merged"]["reason"] == "needs the ept_reference row, skipped"
     assert set(inter["rows"]) == {"limit", "lora"} and [q["name"] for q in inter["ratios"]] == ["lora/limit"]
 

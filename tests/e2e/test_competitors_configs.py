@@ -69,6 +69,7 @@ def test_glue_config_by_override(kind, glue_inputs, tmp_path):
            "--config.train.batch_size=8", "--config.eval.batch_size=8", *SHORT]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
+    assert "done: step 2" in out.stdout
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in records)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ept_jax.core.sharding import distributed_arguments
+from ept_jax.core.sharding import distributed_arguments, heartbeat_argument
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,6 +59,15 @@ def test_distributed_arguments_refuse_bad_environments(environ, message):
         distributed_arguments(environ)
 
 
+def test_heartbeat_timeout_from_the_environment():
+    assert heartbeat_argument({}) == {} == heartbeat_argument({"EPT_HEARTBEAT_TIMEOUT_S": " "})
+    assert heartbeat_argument({"EPT_HEARTBEAT_TIMEOUT_S": "20"}) == {"heartbeat_timeout_seconds": 20}
+    for bad in ("4", "ten", "-1", "2.5"):
+        with pytest.raises(ValueError, match=f"EPT_HEARTBEAT_TIMEOUT_S='{bad}': must be an integer number of "
+                                             "seconds >= 5"):
+            heartbeat_argument({"EPT_HEARTBEAT_TIMEOUT_S": bad})
+
+
 def test_distributed_arguments_pass_the_process_layout_on():
     assert distributed_arguments({}) == {} == distributed_arguments({"JAX_NUM_PROCESSES": "1"})
     assert distributed_arguments({"JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3",
@@ -78,39 +88,6 @@ def _adapters(workdir):
     from train.export import restore_for_export
 
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(restore_for_export(workdir, step=4).model, TRAINABLE))]
-
-
-def test_two_processes_train_as_one_process_with_all_devices(tmp_path):
-    """``train.launch --processes 2 --cpu-devices 2`` (the smoke run, 4 steps, a checkpoint at 2 and 4) on an fsdp
-    mesh logs the same losses as one process with 4 CPU devices, to 1e-6 relative, and ends with the same adapters
-    (read back on one process from the two processes' checkpoint). The data-parallel mesh: in
-    ``test_checkpoint_moves_between_process_counts``, whose runs cover every step on two processes."""
-    mesh = ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]
-    import json
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("XLA_FLAGS", None)
-    two = subprocess.run([sys.executable, "-m", "train.launch", "--processes", "2", "--cpu-devices", "2", "--",
-                          *RUN, *mesh, f"--workdir={tmp_path / 'two'}"], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=900)
-    assert two.returncode == 0, two.stdout[-4000:]
-    assert "[p0] done: step 4" in two.stdout and "[p1] done: step 4" in two.stdout
-    one = subprocess.run([sys.executable, "-m", "train.main", *RUN, *mesh, f"--workdir={tmp_path / 'one'}"],
-                         cwd=REPO, env={**env, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"},
-                         capture_output=True, text=True, timeout=900)
-    assert one.returncode == 0, one.stderr[-4000:]
-
-    def losses(d):
-        return [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
-
-    a, b = losses(tmp_path / "two"), losses(tmp_path / "one")
-    assert len(a) == 4
-    np.testing.assert_allclose(a, b, rtol=1e-6)
-    # the checkpoint of 2 processes restores on 1 (export's restore); float32 adapters after 4 AdamW steps agree
-    # to ~1e-6 absolute: the cross-process gradient sum (gloo) adds in another order than one process's, and
-    # Adam's first steps (update ~ lr * g / |g|) magnify that on entries whose gradient is near zero
-    for x, y in zip(_adapters(tmp_path / "two"), _adapters(tmp_path / "one"), strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=5e-6)
 
 
 def test_launcher_prefixes_output_and_fails_fast(tmp_path):
@@ -138,47 +115,78 @@ def test_launcher_prefixes_output_and_fails_fast(tmp_path):
     assert bad.returncode == 2 and "--processes=0: must be >= 1" in bad.stderr
 
 
-def test_checkpoint_moves_between_process_counts(tmp_path):
-    """Stopped after its checkpoint at step 2 (``EPT_STOP_AFTER_STEP``), a run of 2 processes x 2 devices continues
-    in 1 process x 4 devices, and a run of 1 process continues in 2: both end with the losses of an uninterrupted
-    1-process run (rtol 1e-6; steps 1-2 of the first and 3-4 of the second ran on 2 processes, data-parallel), and
-    the second's final adapters, written by 2 processes and read back on one, equal the uninterrupted run's."""
+ENCODED = re.compile(r"process (\d): tokenised (\d+) of (\d+) training examples \(its (\d+) rows of every batch of "
+                     r"(\d+)\)")
+
+
+def _encoded(text: str, prefix: str = "") -> tuple[int, int, int, int, int]:
+    """``(process, examples tokenised, training examples, rows, batch)`` of the one log line of a process."""
+    found = ENCODED.findall("\n".join(x for x in text.splitlines() if x.startswith(prefix)))
+    assert len(found) == 1, (prefix, text[-3000:])
+    return tuple(int(v) for v in found[0])
+
+
+def test_two_processes_train_as_one_and_checkpoints_move_between_process_counts(tmp_path):
+    """``train.launch --processes 2 --cpu-devices 2`` against 1 process x 4 CPU devices, on both meshes (the smoke
+    run, 4 steps, checkpoints at 2 and 4), with checkpoints moving between process counts:
+
+    * data-parallel mesh: 2 processes stopped after the checkpoint at step 2 (``EPT_STOP_AFTER_STEP``), then
+      1 process continues;
+    * fsdp mesh: 1 process stopped likewise, then 2 processes continue.
+
+    Each ends with the losses of an uninterrupted 1-process run on its mesh (rtol 1e-6: every step ran on 2
+    processes on one of the meshes, each restore crossed process counts) and its final adapters (the fsdp ones
+    written by 2 processes, read back on one). Each of the 2 processes tokenised only its own rows: half of every
+    batch of each step it ran (the unit test ``tests/unit/test_sampling.py`` shows which examples)."""
     import json
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("XLA_FLAGS", None)
     one_env = {**env, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
+    meshes = {"data": [], "fsdp": ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]}
 
-    def two(workdir, extra=None):
+    def two(workdir, mesh, extra=None):
         return subprocess.run([sys.executable, "-m", "train.launch", "--processes", "2", "--cpu-devices", "2", "--",
-                               *RUN, f"--workdir={workdir}"], cwd=REPO, env={**env, **(extra or {})},
+                               *RUN, *meshes[mesh], f"--workdir={workdir}"], cwd=REPO, env={**env, **(extra or {})},
                               capture_output=True, text=True, timeout=900)
 
-    def one(workdir, extra=None):
-        return subprocess.run([sys.executable, "-m", "train.main", *RUN, f"--workdir={workdir}"], cwd=REPO,
-                              env={**one_env, **(extra or {})}, capture_output=True, text=True, timeout=900)
+    def one(workdir, mesh, extra=None):
+        return subprocess.run([sys.executable, "-m", "train.main", *RUN, *meshes[mesh], f"--workdir={workdir}"],
+                              cwd=REPO, env={**one_env, **(extra or {})}, capture_output=True, text=True, timeout=900)
 
     def losses(d):
         return [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
 
     stop = {"EPT_STOP_AFTER_STEP": "2"}
-    full = tmp_path / "full"
-    assert one(full).returncode == 0
-    a = tmp_path / "two_then_one"
-    first = two(a, stop)
+    full = {}
+    for mesh in meshes:
+        full[mesh] = tmp_path / f"full_{mesh}"
+        out = one(full[mesh], mesh)
+        assert out.returncode == 0, out.stderr[-3000:]
+        p, n, total, rows, batch = _encoded(out.stderr)
+        assert (p, n, rows, batch) == (0, 64, 16, 16)  # 4 steps x 16 rows, no example twice
+    a = tmp_path / "data_two_then_one"
+    first = two(a, "data", stop)
     assert first.returncode == 0 and "[p0] stopped after the checkpoint at step 2" in first.stdout, first.stdout[-3000:]
     assert len(losses(a)) == 2
-    second = one(a)
+    for p in (0, 1):
+        assert _encoded(first.stdout, f"[p{p}] ") == (p, 16, total, 8, 16)  # 2 steps x its 8 rows
+    second = one(a, "data")
     assert second.returncode == 0, second.stderr[-3000:]
-    b = tmp_path / "one_then_two"
-    assert one(b, stop).returncode == 0 and len(losses(b)) == 2
-    resumed = two(b)
+    b = tmp_path / "fsdp_one_then_two"
+    assert one(b, "fsdp", stop).returncode == 0 and len(losses(b)) == 2
+    resumed = two(b, "fsdp")
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    for d in (a, b):
-        np.testing.assert_allclose(losses(d), losses(full), rtol=1e-6)
-    # the tolerance of test_two_processes_train_as_one_process_with_all_devices (cross-process sum order)
-    for x, y in zip(_adapters(b), _adapters(full), strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=5e-6)
+    assert "[p0] done: step 4" in resumed.stdout and "[p1] done: step 4" in resumed.stdout
+    for p in (0, 1):
+        assert _encoded(resumed.stdout, f"[p{p}] ") == (p, 16, total, 8, 16)
+    for d, mesh in ((a, "data"), (b, "fsdp")):
+        np.testing.assert_allclose(losses(d), losses(full[mesh]), rtol=1e-6, err_msg=mesh)
+        # float32 adapters after 4 AdamW steps agree to ~1e-6 absolute: the cross-process gradient sum (gloo) adds
+        # in another order than one process's, and Adam's first steps (update ~ lr * g / |g|) magnify that on
+        # entries whose gradient is near zero
+        for x, y in zip(_adapters(d), _adapters(full[mesh]), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=5e-6, err_msg=mesh)
 
 
 def test_a_process_with_another_config_is_refused_naming_the_keys(tmp_path):
@@ -202,12 +210,14 @@ def test_a_process_with_another_config_is_refused_naming_the_keys(tmp_path):
 def test_kill_9_of_one_process_stops_the_other_at_once_and_the_job_resumes(tmp_path):
     """``kill -9`` of process 1 mid-run: process 0's next collective fails and it exits 3 within seconds (bound
     asserted: 60 s; measured 0.2 s) with one line; the same two commands then resume from the last checkpoint and
-    end with the losses of an uninterrupted run (1 process x 2 devices: the same losses, tested above)."""
+    end with the losses of an uninterrupted run (1 process x 2 devices: the same losses, tested above). Killed while
+    process 0 waits in a checkpoint's barrier, process 0 learns it from the heartbeat timeout instead, set to 20 s
+    here (``EPT_HEARTBEAT_TIMEOUT_S``; JAX's default 100 s exceeded the bound once on a loaded machine)."""
     import json
     import time
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1",
-           "JAX_NUM_PROCESSES": "2"}
+           "JAX_NUM_PROCESSES": "2", "EPT_HEARTBEAT_TIMEOUT_S": "20"}
     env.pop("XLA_FLAGS", None)
     run = ["--config", "configs/smoke.py", "--config.train.steps=12", "--config.train.warmup_steps=1",
            "--config.train.log_every=1", "--config.train.eval_every=12", "--config.train.checkpoint_every=4",

@@ -8,10 +8,6 @@ and ``train.inspect`` counts its parameters (T5-base numbers for MoRE and MOELoR
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import chex
@@ -425,28 +421,13 @@ def test_inspect_t5_base_more_and_moelora_release():
     assert m["trainable_per_task"] == 811_008  # 0.81M
 
 
-# ------------------------------------------------------------------------------------------ end to end (CLI)
+# ------------------------------------------------------------------------------------------ train.inspect
 
 
 @pytest.mark.parametrize("kind", ["more", "moelora_release", "trex"])
-def test_train_main_and_inspect_run_each_kind(tmp_path, kind):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    env.pop("XLA_FLAGS", None)
-    common = ["--config", str(REPO / "configs/smoke.py"), f"--config.adapter.kind={kind}"]
-    run = [sys.executable, "-m", "train.main", *common, "--workdir", str(tmp_path / "run"),
-           "--config.train.steps=2", "--config.train.warmup_steps=1", "--config.train.log_every=1",
-           "--config.train.eval_every=2", "--config.train.checkpoint_every=2", "--config.eval.max_examples=2",
-           "--config.eval.max_new_tokens=2", "--config.eval.final_test=False",
-           "--config.data.max_train_examples=16"]  # T-REX embeds every training text: keep the set small
-    out = subprocess.run(run, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert "done: step 2" in out.stdout
-    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in recs if "loss" in r)
-    # MoRE has EPT's contrastive loss; MOELoRA and T-REX have none
-    assert (recs[0]["contrastive"] > 0) == (kind == "more")
-
-    # train.inspect's summary of the same config (in process: the CLI itself is tested in test_inspect.py)
+def test_inspect_counts_each_kind(kind):
+    """train.inspect's summary of the smoke config with each kind (in process: the CLI is tested in
+    tests/e2e/test_inspect.py; each kind's ``python -m train.main`` run: tests/e2e/test_competitors_configs.py)."""
     from configs.smoke import get_config
     from train.inspect import summarize
 

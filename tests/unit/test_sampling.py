@@ -1,6 +1,7 @@
 """Task sampling: probabilities of the three strategies, determinism, per-task epochs, exact resumption."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -149,3 +150,85 @@ def test_train_batches_resume_gives_identical_arrays():
         assert got.keys() == want.keys()
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
+
+
+class _CountingTokenizer(_CharTokenizer):
+    """Records every text it tokenises (what a process materialised)."""
+
+    def __init__(self):
+        self.seen: list[str] = []
+
+    def __call__(self, texts, add_special_tokens=False):
+        self.seen.extend(texts)
+        return super().__call__(texts, add_special_tokens)
+
+
+@pytest.mark.parametrize("kind", ["seq2seq", "decoder"])
+def test_each_process_tokenises_only_its_rows_and_together_they_make_the_global_batches(kind):
+    """Two "processes" (rows 0-3 and 4-7 of every global batch of 8) with lazily encoded tasks: each tokenises
+    exactly the examples of its own rows (the other's are never encoded, never passed to its tokenizer), their local
+    batches stacked are the batches of one process encoding everything up front, and a resume from a saved state
+    continues every process's stream (the state is the sampler's, the same on both)."""
+    from ept_jax.data import DECODER, SEQ2SEQ, LazyEncodedTask, encode_decoder_only, pad_id_of
+
+    examples = [[Example(f"t{k} q{i}", f"a{i % 3}", f"task{k}") for i in range(n)] for k, n in enumerate([40, 28, 52])]
+    if kind == "seq2seq":
+        lengths = dict(max_source_length=12, max_target_length=4)
+
+        def encoder(tok):
+            return lambda ex, log=True: encode_seq2seq(ex, tok, **lengths, log=log)
+        enc_kind = SEQ2SEQ
+    else:
+        lengths = dict(max_length=14)
+
+        def encoder(tok):
+            return lambda ex, log=True: encode_decoder_only(ex, tok, max_length=14, max_prompt_length=10, log=log)
+        enc_kind = DECODER
+    kw = dict(strategy="release", seed=3, **lengths)
+    eager_encode = encoder(_CharTokenizer())
+    everything = TrainBatches([eager_encode(ex) for ex in examples], 8, **kw)
+    want = [next(everything) for _ in range(6)]
+
+    procs = []
+    for rows in ([0, 1, 2, 3], [4, 5, 6, 7]):
+        tok = _CountingTokenizer()
+        lazy = [LazyEncodedTask(ex[0].task, ex, encoder(tok), kind=enc_kind, pad_id=pad_id_of(tok, enc_kind))
+                for ex in examples]
+        procs.append((rows, tok, lazy, TrainBatches(lazy, 8, rows=rows, **kw)))
+    got = [[next(b) for _ in range(6)] for *_, b in procs]
+    for s in range(6):
+        for key in want[s]:
+            np.testing.assert_array_equal(np.concatenate([got[0][s][key], got[1][s][key]]), want[s][key])
+
+    # what each process encoded: exactly the examples of its own rows, as the sampler (integers only) draws them
+    sampler = MultiTaskSampler([len(ex) for ex in examples], 8, strategy="release", seed=3)
+    draws = [next(sampler) for _ in range(6)]
+    for rows, tok, lazy, _ in procs:
+        mine = {(t, i) for d in draws for r in rows for t, i in [d[r]]}
+        encoded = {(t, i) for t, task in enumerate(lazy) for i in task.encoded_indices}
+        assert encoded == mine
+        # every text its tokenizer saw (sources, targets, prompt + answer) names one of its own examples
+        named = {(int(m[1]), int(m[2])) for text in tok.seen for m in [re.match(r"t(\d) q(\d+)", text)] if m}
+        assert named == mine
+    other = {(t, i) for d in draws for r in procs[1][0] for t, i in [d[r]]} - \
+        {(t, i) for d in draws for r in procs[0][0] for t, i in [d[r]]}
+    assert other, "the two processes' rows overlap entirely: the test shows nothing"
+
+    # resume: both processes restored from process 0's saved state continue with the global batches
+    state = json.loads(json.dumps(procs[0][3].state_dict()))
+    assert state == procs[1][3].state_dict()
+    more = [next(everything) for _ in range(3)]
+    for rows, _tok, lazy, _ in procs:
+        resumed = TrainBatches(lazy, 8, rows=rows, **kw)
+        resumed.load_state_dict(state)
+        for s in range(3):
+            batch = next(resumed)
+            for key in batch:
+                np.testing.assert_array_equal(batch[key], more[s][key][rows])
+
+
+def test_rows_must_be_increasing_and_inside_the_batch():
+    tasks = [encode_seq2seq([Example("a", "b", "t")], _CharTokenizer(), max_source_length=4, max_target_length=4)]
+    for rows in ([], [1, 0], [0, 8], [-1, 2], [2, 2]):
+        with pytest.raises(ValueError, match=r"rows=.*increasing row indices in \[0, batch_size=8\)"):
+            TrainBatches(tasks, 8, max_source_length=4, max_target_length=4, rows=rows)
