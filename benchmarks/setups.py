@@ -150,6 +150,9 @@ def hf_tensors(model) -> dict[str, np.ndarray]:
 #: ``model.scan_layers`` of every JAX row (``benchmarks.run --unrolled-layers`` sets False; see
 #: :mod:`ept_jax.models.layer_scan`)
 SCAN_LAYERS = True
+#: ``model.param_dtype`` of every JAX row (the frozen base weights' storage), None = the config's default
+#: (``benchmarks.gpu_suite`` sets bfloat16)
+PARAM_DTYPE: str | None = None
 
 
 def bench_config(spec: ModelSpec, adapter: dict[str, Any] | None, *, dtype: str = "float32"):
@@ -167,6 +170,8 @@ def bench_config(spec: ModelSpec, adapter: dict[str, Any] | None, *, dtype: str 
     c.model.arch = dict(spec.arch)
     c.model.dtype = dtype
     c.model.scan_layers = SCAN_LAYERS
+    if PARAM_DTYPE is not None:
+        c.model.param_dtype = PARAM_DTYPE
     c.adapter.targets = spec.targets
     c.adapter.expert_kernel_sizes = spec.kernel_sizes
     c.adapter.kind = "none"

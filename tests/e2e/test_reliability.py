@@ -14,6 +14,7 @@ existing run's workdir byte for byte unchanged).
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,28 +22,19 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from filelock import FileLock
 
+from runs import SMOKE_OVERRIDES, SMOKE_STEPS, cache_env, session_dir, shared_reference
 from train.logger import TIMING_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 20
-OVERRIDES = [
-    f"--config.train.steps={STEPS}",
-    "--config.train.checkpoint_every=5",
-    "--config.train.log_every=5",
-    "--config.train.eval_every=10",
-    "--config.train.keep_checkpoints=4",
-    "--config.eval.max_examples=16",
-]
+STEPS, OVERRIDES = SMOKE_STEPS, SMOKE_OVERRIDES
 FAULT_ENV = ("EPT_STOP_AFTER_STEP", "XLA_FLAGS")
 
 
 def cli(workdir, cache_dir, args=(), faults=(), **env_extra) -> subprocess.CompletedProcess:
     """``python -m train.main`` on the smoke config with :data:`OVERRIDES` and ``args`` (later ones win); with
     ``faults`` (options of ``tests/e2e/faulty.py``) through that runner, which installs them first."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", **cache_env(cache_dir))
     for key in FAULT_ENV:
         env.pop(key, None)
     env.update(env_extra)
@@ -55,30 +47,14 @@ def cli(workdir, cache_dir, args=(), faults=(), **env_extra) -> subprocess.Compl
 
 
 @pytest.fixture(scope="module")
-def shared_root(tmp_path_factory):
-    """A directory shared by the xdist workers of this session (so the reference run is made only once)."""
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # .../pytest-N/popen-gwK: the session's directory is the parent
-        base = base.parent
-    root = base / "reliability_shared"
-    root.mkdir(exist_ok=True)
-    return root
+def cache_dir(tmp_path_factory):
+    return session_dir(tmp_path_factory, "reliability_jax_cache")
 
 
 @pytest.fixture(scope="module")
-def cache_dir(shared_root):
-    return shared_root / "jax_cache"
-
-
-@pytest.fixture(scope="module")
-def reference(shared_root, cache_dir):
-    """The uninterrupted, fault-free run (made once per session, under a lock)."""
-    workdir = shared_root / "uninterrupted"
-    with FileLock(str(shared_root / "reference.lock")):
-        if not (workdir / "results.json").is_file():
-            out = cli(workdir, cache_dir)
-            assert out.returncode == 0, out.stderr[-4000:]
-    return workdir
+def reference(tmp_path_factory, cache_dir):
+    """The uninterrupted, fault-free run (made once per session: tests/e2e/runs.py)."""
+    return shared_reference(tmp_path_factory, lambda workdir: cli(workdir, cache_dir))
 
 
 def params(path: Path) -> dict[str, np.ndarray]:
@@ -210,21 +186,25 @@ def test_nan_loss_stop_policy_is_one_line_and_keeps_the_last_checkpoint(referenc
     assert_identical_runs(workdir, reference)
 
 
-def test_checkpoint_of_another_adapter_config_is_refused(reference, cache_dir):
+def test_checkpoint_of_another_adapter_config_is_refused(reference, cache_dir, tmp_path):
     # same parameter shapes, another routing: only the saved identity can tell (never a silent restore)
-    before = snapshot(reference)
-    out = cli(reference, cache_dir, ["--config.adapter.top_k=1", "--allow_config_change"])
+    work = tmp_path / "run"
+    shutil.copytree(reference, work)  # the shared reference stays untouched (other tests read it meanwhile)
+    before = snapshot(work)
+    out = cli(work, cache_dir, ["--config.adapter.top_k=1", "--allow_config_change"])
     assert_one_line_refusal(out, "was written for another model or adapter", "adapter.top_k: checkpoint 2, run 1",
                             "nothing was restored", only_line=False)  # after the accepted change's warning
-    assert snapshot(reference) == before
+    assert snapshot(work) == before
 
 
-def test_workdir_of_another_config_is_refused(reference, cache_dir):
-    before = snapshot(reference)
-    out = cli(reference, cache_dir, ["--config.train.learning_rate=0.5"])
+def test_workdir_of_another_config_is_refused(reference, cache_dir, tmp_path):
+    work = tmp_path / "run"
+    shutil.copytree(reference, work)
+    before = snapshot(work)
+    out = cli(work, cache_dir, ["--config.train.learning_rate=0.5"])
     assert_one_line_refusal(out, "holds a run with another config", "train.learning_rate: saved 0.01, now 0.5",
                             "--allow_config_change")
-    assert snapshot(reference) == before
+    assert snapshot(work) == before
 
 
 # ---------------------------------------------------------------------------------------------------- bad input

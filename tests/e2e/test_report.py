@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runs import cache_env
 from train.logger import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,8 +34,7 @@ LORA = ["--config.adapter.kind=lora", "--config.train.steps=3", "--config.train.
 
 
 def environment(cache_dir: Path) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", **cache_env(cache_dir))
     env.pop("XLA_FLAGS", None)
     env.pop("EPT_STOP_AFTER_STEP", None)
     return env

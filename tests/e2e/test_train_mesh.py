@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from runs import cache_env
 from train.logger import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,8 +37,7 @@ RTOL = 1e-4
 
 def train(workdir: Path, cache_dir: Path, mesh: dict | None) -> subprocess.CompletedProcess:
     """Runs the smoke config; ``mesh`` None: one device, else 8 simulated devices with these mesh sizes."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", **cache_env(cache_dir))
     env.pop("XLA_FLAGS", None)
     env.pop("EPT_STOP_AFTER_STEP", None)
     args = []

@@ -20,17 +20,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from runs import SMOKE_OVERRIDES, SMOKE_STEPS, cache_env, session_dir, shared_reference
 from train.logger import TIMING_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 40
-OVERRIDES = [
-    f"--config.train.steps={STEPS}",
-    "--config.train.checkpoint_every=10",
-    "--config.train.log_every=5",
-    "--config.train.eval_every=20",
-    "--config.eval.max_examples=16",
-]
+STEPS, OVERRIDES = SMOKE_STEPS, SMOKE_OVERRIDES  # the run test_reliability.py faults
 
 
 def command(workdir, args=()):
@@ -39,8 +33,7 @@ def command(workdir, args=()):
 
 
 def environment(cache_dir, **extra):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", **cache_env(cache_dir), **extra)
     env.pop("XLA_FLAGS", None)
     env.pop("EPT_STOP_AFTER_STEP", None)
     env.update(extra)
@@ -54,16 +47,13 @@ def cli(workdir, cache_dir, args=(), **extra):
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("resume_jax_cache")
+    return session_dir(tmp_path_factory, "resume_jax_cache")
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache_dir):
-    """The uninterrupted 2N-step run."""
-    workdir = tmp_path_factory.mktemp("resume") / "uninterrupted"
-    out = cli(workdir, cache_dir)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return workdir
+    """The uninterrupted 2N-step run (made once per session, shared with test_reliability.py: tests/e2e/runs.py)."""
+    return shared_reference(tmp_path_factory, lambda workdir: cli(workdir, cache_dir))
 
 
 def params(path: Path) -> dict:
@@ -114,8 +104,8 @@ def test_clean_stop_then_same_command_is_identical(reference, cache_dir, tmp_pat
     recs = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["step"] == STEPS // 2 and not (workdir / "results.json").exists()
 
-    # kill -9 in the middle of writing checkpoint 30 leaves Orbax's temporary directory: ignored, then removed
-    partial = workdir / "checkpoints" / "30.orbax-checkpoint-tmp-1234567"
+    # kill -9 in the middle of writing a later checkpoint leaves Orbax's temporary directory: ignored, then removed
+    partial = workdir / "checkpoints" / f"{3 * STEPS // 4}.orbax-checkpoint-tmp-1234567"
     (partial / "params").mkdir(parents=True)
     (partial / "params" / "manifest.ocdbt").write_bytes(b"\x00" * 7)
     # a truncated file in the latest checkpoint: keep a copy of the stopped run to test that on
@@ -129,13 +119,13 @@ def test_clean_stop_then_same_command_is_identical(reference, cache_dir, tmp_pat
 
     # params/d/ holds the merged OCDBT data that restoring reads (the per-process ocdbt.process_0/d/ files are
     # not read once merged: truncating one of those changes nothing, so it would not test anything)
-    victim = max((corrupted / "checkpoints/20/params/d").iterdir(), key=lambda f: f.stat().st_size)
+    victim = max((corrupted / f"checkpoints/{STEPS // 2}/params/d").iterdir(), key=lambda f: f.stat().st_size)
     with open(victim, "r+b") as f:
         f.truncate(victim.stat().st_size // 2)
     out = cli(corrupted, cache_dir)
     assert out.returncode == 0, out.stderr[-4000:]
-    assert "checkpoints/20 cannot be read" in out.stderr
-    assert (corrupted / "checkpoints_corrupt" / "20").is_dir()
+    assert f"checkpoints/{STEPS // 2} cannot be read" in out.stderr
+    assert (corrupted / "checkpoints_corrupt" / str(STEPS // 2)).is_dir()
     assert_identical(outcome(corrupted), outcome(reference))
 
 
@@ -145,8 +135,8 @@ def test_kill_9_during_training_is_identical(reference, cache_dir, tmp_path):
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 500
-        while not (workdir / "checkpoints/10/commit_success.txt").exists() and proc.poll() is None:
-            assert time.time() < deadline, "the run never wrote checkpoint 10"
+        while not (workdir / f"checkpoints/{STEPS // 2}/commit_success.txt").exists() and proc.poll() is None:
+            assert time.time() < deadline, f"the run never wrote checkpoint {STEPS // 2}"
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait(60)
@@ -161,9 +151,11 @@ def test_kill_9_during_training_is_identical(reference, cache_dir, tmp_path):
     assert_identical(outcome(workdir), outcome(reference))
 
 
-def test_restoring_another_adapter_shape_is_refused(reference, cache_dir):
-    before = {p: p.read_bytes() for p in (reference / "config.json", reference / "metrics.jsonl")}
-    out = cli(reference, cache_dir, ["--config.adapter.r=4", "--allow_config_change"])
+def test_restoring_another_adapter_shape_is_refused(reference, cache_dir, tmp_path):
+    work = tmp_path / "run"
+    shutil.copytree(reference, work)  # the shared reference stays untouched (other tests read it meanwhile)
+    before = {p: p.read_bytes() for p in (work / "config.json", work / "metrics.jsonl")}
+    out = cli(work, cache_dir, ["--config.adapter.r=4", "--allow_config_change"])
     assert out.returncode == 2, out.stderr[-4000:]
     line = out.stderr.strip().splitlines()[-1]
     assert "Traceback" not in out.stderr

@@ -17,13 +17,14 @@ import jax
 import numpy as np
 import pytest
 
+from runs import cache_env
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(args, workdir, cache_dir, env_extra=None, timeout=600):
     """Runs ``python -m train.main`` with the smoke config; returns the CompletedProcess."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **(env_extra or {}))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", **cache_env(cache_dir), **(env_extra or {}))
     env.pop("XLA_FLAGS", None)
     cmd = [sys.executable, "-m", "train.main", "--config", str(REPO / "configs/smoke.py"), "--workdir", str(workdir),
            *args]
@@ -36,6 +37,9 @@ def shared_compilation_cache(smoke_run):
     generation and the model's initialisers are then loaded, not compiled again."""
     from jax.experimental.compilation_cache import compilation_cache as cc
 
+    if os.environ.get("EPT_COMPILATION_CACHE"):  # the session's cache (tests/conftest.py) holds the smoke run's
+        yield
+        return
     saved = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
     jax.config.update("jax_compilation_cache_dir", str(smoke_run[1].parent / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

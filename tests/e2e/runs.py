@@ -1,0 +1,52 @@
+"""Helpers of the e2e tests' subprocess runs (imported by the test modules of this directory)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_env(own_dir: Path) -> dict[str, str]:
+    """The compilation-cache environment of a subprocess run: nothing when the test session has a cache
+    (``scripts/test.sh`` exports ``EPT_COMPILATION_CACHE``; inherited, it serves every module's runs), else
+    ``own_dir`` with every program cached."""
+    if os.environ.get("EPT_COMPILATION_CACHE"):
+        return {}
+    return {"JAX_COMPILATION_CACHE_DIR": str(own_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def session_dir(tmp_path_factory, name: str) -> Path:
+    """A directory shared by the xdist workers of this session (``.../pytest-N/<name>``)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # .../pytest-N/popen-gwK: the session's directory is the parent
+        base = base.parent
+    root = base / name
+    root.mkdir(exist_ok=True)
+    return root
+
+
+# The smoke run (configs/smoke.py) that tests/e2e/test_train_resume.py and test_reliability.py interrupt, fault and
+# compare: one uninterrupted reference run serves both modules and every xdist worker (shared_reference).
+SMOKE_STEPS = 20
+SMOKE_OVERRIDES = [
+    f"--config.train.steps={SMOKE_STEPS}",
+    "--config.train.checkpoint_every=5",
+    "--config.train.log_every=5",
+    "--config.train.eval_every=10",
+    "--config.train.keep_checkpoints=4",
+    "--config.eval.max_examples=16",
+]
+
+
+def shared_reference(tmp_path_factory, run) -> Path:
+    """The uninterrupted smoke run with :data:`SMOKE_OVERRIDES`, made once per session under a file lock by
+    ``run(workdir)`` (a ``subprocess.CompletedProcess``). Tests must not write into it (copy it first)."""
+    from filelock import FileLock
+
+    root = session_dir(tmp_path_factory, "smoke_reference")
+    workdir = root / "uninterrupted"
+    with FileLock(str(root / "reference.lock")):
+        if not (workdir / "results.json").is_file():
+            out = run(workdir)
+            assert out.returncode == 0, out.stderr[-4000:]
+    return workdir
