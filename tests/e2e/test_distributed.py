@@ -136,7 +136,8 @@ def test_two_processes_train_as_one_and_checkpoints_move_between_process_counts(
 
     Each ends with the losses of an uninterrupted 1-process run on its mesh (rtol 1e-6: every step ran on 2
     processes on one of the meshes, each restore crossed process counts) and its final adapters (the fsdp ones
-    written by 2 processes, read back on one). Each of the 2 processes tokenised only its own rows: half of every
+    written by 2 processes, read back on one); the fsdp run's evaluation and test pass, on 2 processes, give the
+    1-process run's scores. Each of the 2 processes tokenised only its own rows: half of every
     batch of each step it ran (the unit test ``tests/unit/test_sampling.py`` shows which examples)."""
     import json
 
@@ -187,6 +188,14 @@ def test_two_processes_train_as_one_and_checkpoints_move_between_process_counts(
         # entries whose gradient is near zero
         for x, y in zip(_adapters(d), _adapters(full[mesh]), strict=True):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=5e-6, err_msg=mesh)
+    # evaluation under 2 processes (the fsdp run's step-4 dev evaluation and its final test pass ran there): the
+    # greedy generations score as one process's, the held-out losses agree to float32 rounding
+    last = {d: json.loads((d / "metrics.jsonl").read_text().splitlines()[-1]) for d in (b, full["fsdp"])}
+    results = {d: json.loads((d / "results.json").read_text()) for d in (b, full["fsdp"])}
+    assert last[b]["eval"] == last[full["fsdp"]]["eval"] and last[b]["eval"]
+    np.testing.assert_allclose(list(last[b]["eval_loss"].values()), list(last[full["fsdp"]]["eval_loss"].values()),
+                               rtol=1e-5)
+    assert results[b]["test"] == results[full["fsdp"]]["test"] and results[b]["test"]
 
 
 def test_a_process_with_another_config_is_refused_naming_the_keys(tmp_path):

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from e2e_helpers import SMOKE_OVERRIDES, SMOKE_STEPS, cache_env, session_dir, shared_reference
 
-from runs import SMOKE_OVERRIDES, SMOKE_STEPS, cache_env, session_dir, shared_reference
 from train.logger import TIMING_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,7 +53,7 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache_dir):
-    """The uninterrupted, fault-free run (made once per session: tests/e2e/runs.py)."""
+    """The uninterrupted, fault-free run (made once per session: tests/e2e/e2e_helpers.py)."""
     return shared_reference(tmp_path_factory, lambda workdir: cli(workdir, cache_dir))
 
 

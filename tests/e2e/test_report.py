@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from e2e_helpers import cache_env
 
-from runs import cache_env
 from train.logger import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from e2e_helpers import cache_env
 
-from runs import cache_env
 from train.logger import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from e2e_helpers import SMOKE_OVERRIDES, SMOKE_STEPS, cache_env, session_dir, shared_reference
 
-from runs import SMOKE_OVERRIDES, SMOKE_STEPS, cache_env, session_dir, shared_reference
 from train.logger import TIMING_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,7 +52,7 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache_dir):
-    """The uninterrupted 2N-step run (made once per session, shared with test_reliability.py: tests/e2e/runs.py)."""
+    """The uninterrupted 2N-step run (made once per session, shared with test_reliability.py: e2e_helpers.py)."""
     return shared_reference(tmp_path_factory, lambda workdir: cli(workdir, cache_dir))
 
 

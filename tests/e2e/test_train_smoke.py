@@ -16,8 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
-from runs import cache_env
+from e2e_helpers import cache_env
 
 REPO = Path(__file__).resolve().parents[2]
 
