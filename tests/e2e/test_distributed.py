@@ -217,16 +217,18 @@ def test_a_process_with_another_config_is_refused_naming_the_keys(tmp_path):
 
 
 def test_kill_9_of_one_process_stops_the_other_at_once_and_the_job_resumes(tmp_path):
-    """``kill -9`` of process 1 mid-run: process 0's next collective fails and it exits 3 within seconds (bound
-    asserted: 60 s; measured 0.2 s) with one line; the same two commands then resume from the last checkpoint and
-    end with the losses of an uninterrupted run (1 process x 2 devices: the same losses, tested above). Killed while
-    process 0 waits in a checkpoint's barrier, process 0 learns it from the heartbeat timeout instead, set to 20 s
-    here (``EPT_HEARTBEAT_TIMEOUT_S``; JAX's default 100 s exceeded the bound once on a loaded machine)."""
+    """``kill -9`` of process 1 mid-run: process 0's next collective fails and it exits 3 at once (measured 0.2 s)
+    with one line; the same two commands then resume from the last checkpoint and end with the losses of an
+    uninterrupted run (1 process x 2 devices: the same losses, tested above). Bound asserted: 130 s, JAX's 100 s
+    heartbeat timeout plus slack: killed while process 0 waits in a checkpoint's barrier (seen once on a loaded
+    machine: 83 s), process 0 learns it from the heartbeat timeout instead. (A 20 s timeout,
+    ``EPT_HEARTBEAT_TIMEOUT_S``, made the coordination service abort a live, CPU-starved job at shutdown in CI: the
+    test keeps JAX's default.)"""
     import json
     import time
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1",
-           "JAX_NUM_PROCESSES": "2", "EPT_HEARTBEAT_TIMEOUT_S": "20"}
+           "JAX_NUM_PROCESSES": "2"}
     env.pop("XLA_FLAGS", None)
     run = ["--config", "configs/smoke.py", "--config.train.steps=12", "--config.train.warmup_steps=1",
            "--config.train.log_every=1", "--config.train.eval_every=12", "--config.train.checkpoint_every=4",
@@ -247,7 +249,7 @@ def test_kill_9_of_one_process_stops_the_other_at_once_and_the_job_resumes(tmp_p
     procs[1].kill()
     t0 = time.time()
     _, err = procs[0].communicate(timeout=120)
-    assert time.time() - t0 < 60
+    assert time.time() - t0 < 130
     assert procs[0].returncode == 3, err[-3000:]
     lines = [x for x in err.splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and "another process is gone" in lines[0] and "Traceback" not in err
