@@ -136,14 +136,17 @@ def limit_rows(spec: ModelSpec, tensors: dict[str, np.ndarray], seqs: tuple[int,
 
 
 def train_calls(spec: ModelSpec, adapter: dict[str, Any], tensors: dict[str, np.ndarray], seqs: tuple[int, ...], *,
-                dtype: str):
+                dtype: str, config=None, task_ids: np.ndarray | None = None):
     """Yields ``(shapes, call, compiled, compile_s, st, step_fn, flat)`` of the training step at each length.
 
     ``call()`` runs one step of ``train.steps.make_train_step`` over ``train.state.create_train_state``, on the
     states' leaves as ``train.loop`` does (``TrainStep.advance``); ``trainable`` and ``opt_state`` are donated, so
     each call's outputs feed the next (``flat`` holds the latest; ``step_fn.sync(flat, st)`` writes them back).
+    ``config``: the run's config (None: ``setups.bench_config(spec, adapter, dtype=dtype)``); ``task_ids``: the
+    batch's ``(B,)`` task ids (None: ``setups.train_batch``'s).
     """
-    config = setups.bench_config(spec, adapter, dtype=dtype)
+    if config is None:
+        config = setups.bench_config(spec, adapter, dtype=dtype)
     model = setups.jax_model(config, tensors)
     mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     tx, schedule = state_lib.make_optimizer(config)
@@ -155,7 +158,10 @@ def train_calls(spec: ModelSpec, adapter: dict[str, Any], tensors: dict[str, np.
     flat = step_fn.flatten(st)
     for seq in seqs:
         shapes = spec.shapes(seq)
-        batch = {k: jax.device_put(v, batch_sh) for k, v in setups.train_batch(spec, seq).items()}
+        batch = setups.train_batch(spec, seq)
+        if task_ids is not None:
+            batch["task_ids"] = task_ids
+        batch = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
         compiled, compile_s = measure.compile_jit(step_fn.jitted, flat.trainable, flat.opt_state, flat.frozen,
                                                   batch, step)
 

@@ -265,34 +265,13 @@ def task_ids(batch: int, n_tasks: int):
 
 def measure_row(spec, tensors, method: str, n_tasks: int, r: int, *, reps: int, warmup: int) -> dict[str, Any]:
     """One training step of ``method`` at ``n_tasks`` tasks and rank ``r``, timed (see the module docstring)."""
-    import jax
-    import jax.numpy as jnp
-
     from benchmarks import jax_rows, measure, setups
-    from ept_jax.core import sharding as sharding_lib
-    from train import state as state_lib
-    from train import steps
 
     register_per_task_lora()
     config = setups.bench_config(spec, adapter_options(method, n_tasks, r))
     config.data.tasks = tuple(f"task{i}" for i in range(n_tasks))
-    model = setups.jax_model(config, tensors)
-    mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    tx, schedule = state_lib.make_optimizer(config)
-    st = state_lib.create_train_state(model, tx, mesh)
-    del model
-    step_fn = steps.make_train_step(st, tx, schedule, mesh, **state_lib.step_options(config))
-    batch = setups.train_batch(spec, spec.seq)
-    batch["task_ids"] = task_ids(spec.batch, n_tasks)
-    batch = {k: jax.device_put(v, sharding_lib.batch_sharding(mesh)) for k, v in batch.items()}
-    step = jnp.asarray(1000, jnp.int32)
-    flat = step_fn.flatten(st)
-    compiled, compile_s = measure.compile_jit(step_fn.jitted, flat.trainable, flat.opt_state, flat.frozen, batch, step)
-
-    def call():
-        flat.trainable, flat.opt_state, metrics = compiled(flat.trainable, flat.opt_state, flat.frozen, batch, step)
-        return flat.trainable, metrics
-
+    _, call, compiled, compile_s, st, _, _ = next(jax_rows.train_calls(
+        spec, None, tensors, (spec.seq,), dtype="float32", config=config, task_ids=task_ids(spec.batch, n_tasks)))
     timing = measure.time_calls(call, reps=reps, warmup=warmup, sampler=jax_rows.rss_sampler())
     mem = dict(measure.xla_memory(compiled) or {})
     mem["rss_peak_delta_bytes"] = timing.get("rss_peak_delta_bytes")
