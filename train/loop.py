@@ -274,9 +274,14 @@ class _Run:
                     jax.process_index(), sum(counts), sum(self.data.train_sizes.values()), len(self.rows),
                     self.global_batch)
 
-    def close(self, failed: bool = False) -> None:
+    def close(self, failed: bool = False, peer_gone: bool = False) -> None:
         """Waits for pending checkpoint writes and closes the managers and the logger; after a failure (``failed``)
-        a write that fails too (the same full disk) is logged, not raised over the first error."""
+        a write that fails too (the same full disk) is logged, not raised over the first error. ``peer_gone``:
+        another process of the job is gone, so a pending write's commit waits on a barrier it never reaches (and
+        then the heartbeat timeout aborts this process): the checkpointer is left alone, the logger closed."""
+        if peer_gone:
+            self.log.close()
+            return
         try:
             self.ckpt.wait()
         except Exception as e:
@@ -322,14 +327,17 @@ def run(config, workdir: str | os.PathLike, *, allow_config_change: bool = False
         if created and rundir.is_writer():
             shutil.rmtree(workdir, ignore_errors=True)
         raise
-    failed = True
+    failed, peer_gone = True, False
     try:
         out = r.train()
         failed = False
         return out
+    except jax.errors.JaxRuntimeError:
+        peer_gone = jax.process_count() > 1  # a collective failed: train.main exits at once (EXIT_PEER_LOST)
+        raise
     finally:
         try:
-            r.close(failed=failed)
+            r.close(failed=failed, peer_gone=peer_gone)
         finally:
             if lock is not None:
                 lock.release()
