@@ -172,9 +172,9 @@ def test_two_processes_train_as_one_survive_kill_9_and_move_checkpoints_between_
         p, n, total, rows, batch = _encoded(out.stderr)
         assert (p, n, rows, batch) == (0, 16 * STEPS, 16, 16)  # 16 rows a step, no example twice
 
-    # data mesh, 2 processes x 1 device: kill -9 of process 1, then the same two commands resume. (With 2 devices
-    # per process, the survivor's collective hangs until the heartbeat timeout and the coordination service aborts
-    # it: docs/training.md.)
+    # data mesh, 2 processes x 1 device: kill -9 of process 1, then the same two commands resume. (With 2 CPU
+    # devices per process, the survivor's collective blocks in gloo until the heartbeat timeout and the coordination
+    # service aborts it: docs/training.md.)
     a = tmp_path / "data_killed"
     two_env = {**env, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1", "JAX_NUM_PROCESSES": "2"}
 
