@@ -157,6 +157,9 @@ def _parse(argv):
                    help=f"no row starts after this many seconds (default {DEFAULT_BUDGET_S:.0f}; --dry-run: none)")
     p.add_argument("--qwix", action=argparse.BooleanOptionalAction, default=None,
                    help="run the qwix row when qwix is installed (default: yes; --dry-run: no, see DRY_NO_QWIX)")
+    p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help="JAX's persistent compilation cache at DIR, every program (default off): compile_s then "
+                        "records a load where DIR holds the program, so a second run gives second-run compile times")
     p.add_argument("--torch", action="store_true", help="also run the PyTorch + PEFT LoRA row (float32)")
     return p.parse_args(argv)
 
@@ -213,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     # buffers of the row before) then costs milliseconds instead of ~0.5 s.
     gc.collect()
     gc.freeze()
+    cache = measure.use_compilation_cache(args.compilation_cache)
     info = measure.machine()
     heap = allocator.loaded()
     versions = {m: measure.package_version(m) for m in ("ml_collections", "qwix", "torch", "peft")}
@@ -229,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             "schema": SCHEMA, "suite": SUITE, "command": "python -m benchmarks.gpu_suite " + " ".join(argv),
             "complete": complete, "dry_run": args.dry_run, "reps": reps, "warmup": args.warmup, "dtype": dtype,
             "param_dtype": dtype, "budget_s": budget, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "allocator": heap, "machine": info, "device_kind": kind,
+            "allocator": heap, "compilation_cache": cache, "machine": info, "device_kind": kind,
             "peak_flops": measure.peak_flops(kind, dtype),
             "versions": versions,
             "models": {s.name: {"family": s.family, "arch": s.arch, "shapes": s.shapes(), "targets": list(s.targets),

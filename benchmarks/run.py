@@ -18,17 +18,20 @@ lengths (``sweep="seq_len"``), ``ept_reference`` with fewer experts (``sweep="ex
 with threefry dropout masks / without dropout (``sweep="dropout"``: where the time goes). Each time is the median of
 ``--reps`` (>= 5, 2 with ``--quick``) calls after a warm-up; compile time is recorded apart. ``--quick`` (tiny
 models, a smoke test of the harness whose timings mean nothing) also compiles with
-``--xla_backend_optimization_level=0`` unless ``XLA_FLAGS`` sets that flag.
+``--xla_backend_optimization_level=0`` unless ``XLA_FLAGS`` sets that flag. ``--compilation-cache DIR`` turns JAX's
+persistent compilation cache on for every program: ``compile_s`` is then a load where ``DIR`` already holds the
+program (run the same command twice for the second run's compile times; the interleaved rounds, which rebuild the
+main rows' programs, load them).
 
 Output (JSON, rewritten after every row): ``schema``, ``command``, ``complete`` (false until the run ends),
 ``quick``, ``reps``, ``warmup``, ``dtype``, ``xla_flags``, ``allocator`` (the C heap allocator the process ran:
-glibc, tcmalloc or jemalloc; ``--allocator``), ``machine`` (``benchmarks.measure.machine``), ``models``
-(architecture and shapes of each), ``rows`` (every row: ``id``, ``model``, ``row``, ``kind``, ``framework``,
-``shapes``, ``status``/``reason``, ``median_s``, ``times_s``, ``compile_s``, ``memory``, ``tokens_per_s``,
-``flops_per_call``, ``mfu``, ``params``, ``sweep``, ``n_experts``), ``ratios`` (each: ``name``, ``model``,
-``numerator``/``denominator`` row ids, ``value`` = the medians' quotient, ``target``, ``met``), ``interleaved`` (per
-model, :mod:`benchmarks.interleaved`: the target ratios again, timed in ``--rounds`` interleaved rounds) and
-``elapsed_s``. Errors a user can cause print one line and exit 2.
+glibc, tcmalloc or jemalloc; ``--allocator``), ``compilation_cache`` (``DIR`` or null), ``machine``
+(``benchmarks.measure.machine``), ``models`` (architecture and shapes of each), ``rows`` (every row: ``id``,
+``model``, ``row``, ``kind``, ``framework``, ``shapes``, ``status``/``reason``, ``median_s``, ``times_s``,
+``compile_s``, ``memory``, ``tokens_per_s``, ``flops_per_call``, ``mfu``, ``params``, ``sweep``, ``n_experts``),
+``ratios`` (each: ``name``, ``model``, ``numerator``/``denominator`` row ids, ``value`` = the medians' quotient,
+``target``, ``met``), ``interleaved`` (per model, :mod:`benchmarks.interleaved`: the target ratios again, timed in
+``--rounds`` interleaved rounds) and ``elapsed_s``. Errors a user can cause print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -221,6 +224,9 @@ def _parse(argv):
     p.add_argument("--no-sweeps", action="store_true",
                    help="main shapes only: skip the sequence-length, expert-count and dropout rows")
     p.add_argument("--skip", default="", help=f"comma-separated rows to leave out, of {', '.join(SKIPPABLE)}")
+    p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help="JAX's persistent compilation cache at DIR, every program (default off): compile_s then "
+                        "records a load where DIR holds the program, so a second run gives second-run compile times")
     p.add_argument("--allocator", default="default",
                    help="C heap allocator: default (the process's own, usually glibc), tcmalloc or jemalloc "
                         "(re-executes with the library in LD_PRELOAD; benchmarks.allocator says why it matters)")
@@ -267,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         # Quick mode checks the harness, its timings mean nothing, and XLA's CPU compile of ~30 programs
         # is nearly all its time: LLVM at -O0 cuts that by about 40%. Read when the backend starts.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + QUICK_XLA_FLAG).strip()
+    cache = measure.use_compilation_cache(args.compilation_cache)
     info = measure.machine()
     default = RESULTS_DIR / f"{measure.machine_slug(info)}{'_quick' if args.quick else ''}.json"
     out = Path(args.out) if args.out else default
@@ -288,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             "scan_layers": not args.unrolled_layers,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "allocator": heap,
+            "compilation_cache": cache,
             "machine": info,
             "models": {s.name: {"family": s.family, "arch": s.arch, "targets": list(s.targets),
                                 "kernel_sizes": list(s.kernel_sizes), "shapes": s.shapes(),

@@ -30,8 +30,12 @@ def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "quick.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+    # the session's compilation cache (scripts/test.sh): the interleaved rounds load the programs of the main rows
+    # and the GPU suite's dry run (the same models and rows) those of this run
+    cache = ["--compilation-cache", os.environ["EPT_COMPILATION_CACHE"]] if os.environ.get("EPT_COMPILATION_CACHE") \
+        else []
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out), *cache], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), out
 
@@ -42,6 +46,7 @@ def test_quick_run_schema_and_machine(quick):
     assert result["complete"] is True
     assert run.QUICK_XLA_FLAG in result["xla_flags"]
     assert result["allocator"] == allocator.loaded()  # the test process's, inherited: no --allocator
+    assert result["compilation_cache"] == (os.environ.get("EPT_COMPILATION_CACHE") or None)
     m = result["machine"]
     for key in ("cpu_model", "cpu_count", "cpu_usable", "jax_backend", "jax_device_kind", "versions"):
         assert m[key] not in (None, ""), key

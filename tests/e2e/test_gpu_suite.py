@@ -29,8 +29,11 @@ def dry(tmp_path_factory):
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHON=sys.executable, EPT_WHEELS=str(wheels))
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "--dry-run", "--out", str(out)], cwd=tmp,
-                          env=env, capture_output=True, text=True, timeout=600)
+    # the session's compilation cache (scripts/test.sh): the models and rows of benchmarks.run --quick's
+    cache = ["--compilation-cache", os.environ["EPT_COMPILATION_CACHE"]] if os.environ.get("EPT_COMPILATION_CACHE") \
+        else []
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "--dry-run", "--out", str(out), *cache],
+                          cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     return json.loads(out.read_text())
 
@@ -41,6 +44,7 @@ def test_dry_run_header(dry):
     assert dry["dtype"] == dry["param_dtype"] == "float32" and dry["reps"] == 1 and dry["budget_s"] is None
     assert dry["device_kind"] == dry["machine"]["jax_device_kind"] and dry["machine"]["jax_backend"] == "cpu"
     assert dry["peak_flops"] is None  # a CPU: no MFU denominator
+    assert dry["compilation_cache"] == (os.environ.get("EPT_COMPILATION_CACHE") or None)
     assert run.QUICK_XLA_FLAG in dry["xla_flags"]
     assert set(dry["versions"]) == {"ml_collections", "qwix", "torch", "peft"}
     assert set(dry["models"]) == {s.name for s in gpu_suite.DRY_MODELS}
