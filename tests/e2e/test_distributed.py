@@ -75,7 +75,7 @@ def test_distributed_arguments_pass_the_process_layout_on():
                                                                                     "process_id": 3}
 
 
-# 12 steps, checkpoints every 2 (stops at 2 and 4) or every 4 (a kill -9 once the one at step 4 is committed)
+# 12 steps, checkpoints every 2 (stops at 2 and 4) or every 4 (a kill -9 at step 6, clear of both checkpoints)
 RUN = ["--config", "configs/smoke.py", "--config.train.steps=12", "--config.train.warmup_steps=1",
        "--config.train.log_every=1", "--config.train.eval_every=12", "--config.train.checkpoint_every=2",
        "--config.eval.max_examples=8"]
@@ -133,14 +133,15 @@ def test_two_processes_train_as_one_survive_kill_9_and_move_checkpoints_between_
     both meshes, each ending with the losses of an uninterrupted 1-process run on its mesh (rtol 1e-6) and its final
     adapters:
 
-    * data-parallel mesh, 2 processes x 1 device, checkpoints every 4, ``kill -9``: process 1 is killed once the
-      checkpoint at step 4 is committed; process 0's next collective fails and it exits 3 at once (measured 0.2 s)
-      with one line, without waiting for a pending checkpoint write (whose commit barrier the dead process never
-      reaches: waiting made the heartbeat timeout abort it after ~90 s); the same two commands then resume from the
-      last committed checkpoint and finish. Their evaluation and test pass (on 2 processes) give the 1-process
-      run's scores. Bound asserted: 130 s (JAX's 100 s heartbeat timeout plus slack). (A 20 s
-      ``EPT_HEARTBEAT_TIMEOUT_S`` made the coordination service abort a live, CPU-starved job at shutdown in CI:
-      the test keeps JAX's default.)
+    * data-parallel mesh, 2 processes x 1 device, checkpoints every 4, ``kill -9``: process 1 is killed once step 6
+      is logged (between the checkpoints at 4 and 8: killed while process 0 waits in a checkpoint's barrier, which
+      is no collective, process 0 hangs until JAX's heartbeat timeout and the coordination service aborts it; seen
+      in CI when the kill came right after checkpoint 4's commit); process 0's next collective fails and it exits 3
+      at once (measured 0.2 s) with one line, without waiting for a pending checkpoint write (whose commit barrier
+      the dead process never reaches: waiting made the heartbeat timeout abort it after ~90 s); the same two
+      commands then resume from the last committed checkpoint and finish. Their evaluation and test pass (on 2
+      processes) give the 1-process run's scores. Bound asserted: 130 s. (A 20 s ``EPT_HEARTBEAT_TIMEOUT_S`` made
+      the coordination service abort a live, CPU-starved job at shutdown in CI: the test keeps JAX's default.)
     * fsdp mesh, 2 processes x 2 devices, checkpoints crossing process counts: 1 process stops after the
       checkpoint at step 2 (``EPT_STOP_AFTER_STEP``), ``train.launch --processes 2`` continues and both stop after
       the one at step 4, 1 process finishes.
@@ -186,8 +187,9 @@ def test_two_processes_train_as_one_survive_kill_9_and_move_checkpoints_between_
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
 
     procs = start(_free_port())
+    metrics = a / "metrics.jsonl"
     deadline = time.time() + 600
-    while time.time() < deadline and not (a / "checkpoints" / "4").is_dir():
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 6):
         assert procs[0].poll() is None, procs[0].communicate()[1][-3000:]
         time.sleep(0.05)
     procs[1].kill()
