@@ -19,6 +19,4 @@ fi
 export EPT_COMPILATION_CACHE_MIN_SECS="${EPT_COMPILATION_CACHE_MIN_SECS:-0}"
 # Two workers on CI's 2 cores. (Three: 12 min 40 s once locally, but 14 min 41 s of tests and 1652 s of CPU in a
 # clean clone against 13-13.7 min and ~1450 s with two: XLA's thread pools oversubscribe the cores.)
-# --dist loadgroup: the modules whose tests share one expensive module-scoped run (a subprocess) mark themselves
-# xdist_group, so that run happens once, on one worker, instead of once per worker that gets one of their tests.
-python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadgroup --durations=15 "$@"
+python -m pytest -q -n "${PYTEST_WORKERS:-2}" --durations=15 "$@"

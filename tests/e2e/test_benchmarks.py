@@ -17,8 +17,6 @@ import pytest
 from benchmarks import allocator, interleaved, measure, run, setups, table
 
 REPO = Path(__file__).resolve().parents[2]
-# the module-scoped run once per session: every test of this module on one xdist worker (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("benchmarks_quick")
 # every model's main rows (qwix_lora too: qwix intercepts ept_jax's Linears in T5 as in LLaMA)
 MAIN_ROWS = {"limit", "ept_reference", "ept_paper", "ept_materialized", "lora", "torch_peft_lora", "qwix_lora",
              "generate_base", "generate_merged", "generate_unmerged"}

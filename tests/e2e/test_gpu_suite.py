@@ -16,8 +16,6 @@ import pytest
 from benchmarks import gpu_suite, run, setups
 
 REPO = Path(__file__).resolve().parents[2]
-# the module-scoped run once per session: every test of this module on one xdist worker (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("gpu_suite_dry")
 SUMMARY_KEYS = {"id", "model", "row", "status", "reason", "step_s", "tokens_per_s", "mfu", "compile_s",
                 "peak_device_bytes", "xla_peak_bytes", "trainable_params"}
 

@@ -19,8 +19,6 @@ from e2e_helpers import cache_env
 from train.logger import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
-# the module-scoped run once per session: every test of this module on one xdist worker (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("report")
 PNGS = ("training.png", "eval.png", "routing.png", "task_embeddings_pca.png")
 TRAIN = [
     "--config.train.steps=20",

@@ -19,8 +19,6 @@ import pytest
 from e2e_helpers import cache_env
 
 REPO = Path(__file__).resolve().parents[2]
-# the module-scoped run once per session: every test of this module on one xdist worker (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("smoke_run")
 
 
 def cli(args, workdir, cache_dir, env_extra=None, timeout=600):

@@ -22,8 +22,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-# the module-scoped run once per session: every test of this module on one xdist worker (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("sharding_report")
 RTOL = 1e-5  # float32; relative to the largest magnitude of each compared array
 MESHES = {"data4_tensor2": {"data": 4, "fsdp": 1, "tensor": 2}, "fsdp8": {"data": 1, "fsdp": 8, "tensor": 1}}
 
