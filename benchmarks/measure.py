@@ -26,7 +26,6 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -75,19 +74,15 @@ def time_calls(fn: Callable[[], Any], *, reps: int, warmup: int = 1, sync: Calla
 
 def use_compilation_cache(path: str | None) -> str | None:
     """Turns JAX's persistent compilation cache on at ``path`` for every program, however fast it compiles (None:
-    off, the default). A row's ``compile_s`` then records a load from the cache where the cache holds its program:
-    the same command run twice gives the second run's compile times; the results JSON names the cache.
-    Call before the first compilation."""
+    off, the default), through :func:`train.compile_cache.enable`; returns the directory in use. A row's
+    ``compile_s`` then records a load from the cache where the cache holds its program: the same command run twice
+    gives the second run's compile times; the results JSON names the cache. Call before the first compilation."""
     if not path:
         return None
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
+    from train import compile_cache
 
-    Path(path).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    cc.reset_cache()
-    return str(path)
+    used = compile_cache.enable({"EPT_COMPILATION_CACHE": str(path), "EPT_COMPILATION_CACHE_MIN_SECS": "0"})
+    return None if used is None else str(used)
 
 
 def compile_jit(fn: Callable, *args) -> tuple[Any, float]:

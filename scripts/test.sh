@@ -17,6 +17,6 @@ if [ -z "${EPT_COMPILATION_CACHE:-}" ]; then
   trap 'rm -rf "$EPT_COMPILATION_CACHE"' EXIT
 fi
 export EPT_COMPILATION_CACHE_MIN_SECS="${EPT_COMPILATION_CACHE_MIN_SECS:-0}"
-# Two workers on CI's 2 cores. (Three: 12 min 40 s once locally, but 14 min 41 s of tests and 1652 s of CPU in a
-# clean clone against 13-13.7 min and ~1450 s with two: XLA's thread pools oversubscribe the cores.)
+# Two workers on CI's 2 cores: three were not faster in a clean clone (14 min 41 s of tests, 1652 s of CPU; two:
+# 13-15.5 min, 1410-1683 s on this noisy VM), XLA's thread pools oversubscribing the cores.
 python -m pytest -q -n "${PYTEST_WORKERS:-2}" --durations=15 "$@"
