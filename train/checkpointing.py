@@ -220,10 +220,15 @@ def orbax_manager(directory: Path, items: tuple[str, ...], *, keep: int | None =
     still training cannot disturb a checkpoint being written. Handlers are registered up front, so a fresh manager
     can read the metadata of existing checkpoints.
     """
+    # The barriers of a multi-process save are named after the manager's directory: the regular and the best
+    # manager both save the final step, concurrently, and with Orbax's default (unprefixed) names their commit
+    # threads met at the same barrier and the coordination service aborted the job.
+    processes = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=directory.name)
     if read_only:
-        options = ocp.CheckpointManagerOptions(read_only=True)
+        options = ocp.CheckpointManagerOptions(read_only=True, multiprocessing_options=processes)
     else:
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+                                               multiprocessing_options=processes)
     faulty = kill_step is not None or full_step is not None
     json_handler = _faulty_json_handler(kill_step, full_step) if faulty else ocp.JsonCheckpointHandler()
     handlers = {item: json_handler if item == "host" else ocp.StandardCheckpointHandler() for item in items}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from shared_runs import once
+
 
 def cache_env(own_dir: Path) -> dict[str, str]:
     """The compilation-cache environment of a subprocess run: nothing when the test session has a cache
@@ -13,16 +15,6 @@ def cache_env(own_dir: Path) -> dict[str, str]:
     if os.environ.get("EPT_COMPILATION_CACHE"):
         return {}
     return {"JAX_COMPILATION_CACHE_DIR": str(own_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-
-
-def session_dir(tmp_path_factory, name: str) -> Path:
-    """A directory shared by the xdist workers of this session (``.../pytest-N/<name>``)."""
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # .../pytest-N/popen-gwK: the session's directory is the parent
-        base = base.parent
-    root = base / name
-    root.mkdir(exist_ok=True)
-    return root
 
 
 # The smoke run (configs/smoke.py) that tests/e2e/test_train_resume.py and test_reliability.py interrupt, fault and
@@ -39,14 +31,11 @@ SMOKE_OVERRIDES = [
 
 
 def shared_reference(tmp_path_factory, run) -> Path:
-    """The uninterrupted smoke run with :data:`SMOKE_OVERRIDES`, made once per session under a file lock by
-    ``run(workdir)`` (a ``subprocess.CompletedProcess``). Tests must not write into it (copy it first)."""
-    from filelock import FileLock
+    """The uninterrupted smoke run with :data:`SMOKE_OVERRIDES`, made once per session (:func:`shared_runs.once`)
+    by ``run(workdir)`` (a ``subprocess.CompletedProcess``). Tests must not write into it (copy it first)."""
+    def make(root: Path) -> str:
+        out = run(root / "uninterrupted")
+        assert out.returncode == 0, out.stderr[-4000:]
+        return str(root / "uninterrupted")
 
-    root = session_dir(tmp_path_factory, "smoke_reference")
-    workdir = root / "uninterrupted"
-    with FileLock(str(root / "reference.lock")):
-        if not (workdir / "results.json").is_file():
-            out = run(workdir)
-            assert out.returncode == 0, out.stderr[-4000:]
-    return workdir
+    return Path(once(tmp_path_factory, "smoke_reference", make))

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from shared_runs import once
 
 from benchmarks import allocator, interleaved, measure, run, setups, table
 
@@ -27,7 +28,13 @@ ROW_KEYS = {"id", "model", "family", "row", "kind", "framework", "shapes", "stat
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    """One ``benchmarks.run --quick`` for the session (every worker reads it: shared_runs.once)."""
+    out = Path(once(tmp_path_factory, "bench_quick", _quick))
+    return json.loads(out.read_text()), out
+
+
+def _quick(root: Path) -> str:
+    out = root / "quick.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env.pop("XLA_FLAGS", None)
     # the session's compilation cache (scripts/test.sh): the interleaved rounds load the programs of the main rows
@@ -37,7 +44,7 @@ def quick(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out), *cache], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text()), out
+    return str(out)
 
 
 def test_quick_run_schema_and_machine(quick):

@@ -19,15 +19,29 @@ from ept_jax.core.sharding import distributed_arguments, heartbeat_argument
 REPO = Path(__file__).resolve().parents[2]
 
 WORKER = """
-import jax, jax.numpy as jnp
+import sys
+import jax, jax.numpy as jnp, numpy as np
 from jax.experimental import multihost_utils
 from ept_jax.core.sharding import maybe_initialize_distributed
 info = maybe_initialize_distributed()
 x = multihost_utils.process_allgather(jnp.asarray([info.process_index + 1.0]))
 print("RESULT", info.process_index, info.process_count, jax.device_count(), jax.local_device_count(),
       sorted(float(v) for v in x.ravel()), flush=True)
+# the trainer's last step: the best and the regular checkpoint of one step saved together (their commits overlap)
+import random, time
+from train.checkpointing import Checkpointer
+ckpt = Checkpointer(sys.argv[1], 2)
+random.seed(info.process_index)
+for step in range(1, 11):
+    params = {"a": {"kernel": np.full((4, 3), float(step), np.float32)}}
+    ckpt.save_best(step, params, {"step": step})
+    time.sleep(random.random() * 0.02)  # the processes reach the next save at different moments, as they do
+    ckpt.save(step, params, {"mu": {"a": {"kernel": np.zeros((4, 3), np.float32)}}}, {"step": step})
+ckpt.wait()
+params, host = ckpt.restore_best({"a": {"kernel": np.zeros((4, 3), np.float32)}}, {})
+ckpt.close()
+print("CHECKPOINTS", ckpt.steps(), host["step"], float(params["a"]["kernel"].mean()), flush=True)
 """
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -35,17 +49,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_two_cpu_devices_each_meet_and_gather():
+def test_two_processes_two_cpu_devices_each_meet_gather_and_checkpoint(tmp_path):
+    """... and save a best and a regular checkpoint of the same step together, as the trainer's last step does
+    (with Orbax's default barrier names their commits met at one barrier and the job was aborted: a CI failure)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2", "JAX_NUM_PROCESSES": "2",
            "JAX_COORDINATOR_ADDRESS": f"localhost:{_free_port()}"}
     env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER], cwd=REPO, env={**env, "JAX_PROCESS_ID": str(i)},
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path)], cwd=REPO,
+                              env={**env, "JAX_PROCESS_ID": str(i)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=180) for p in procs]
+    try:
+        outs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     results = sorted(line for out, _ in outs for line in out.splitlines() if line.startswith("RESULT"))
     assert results == ["RESULT 0 2 4 2 [1.0, 2.0]", "RESULT 1 2 4 2 [1.0, 2.0]"]
+    saved = [line for out, _ in outs for line in out.splitlines() if line.startswith("CHECKPOINTS")]
+    assert saved == ["CHECKPOINTS [9, 10] 10 10.0"] * 2, outs
 
 
 @pytest.mark.parametrize("environ, message", [

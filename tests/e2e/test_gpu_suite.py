@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from shared_runs import once
 
 from benchmarks import gpu_suite, run, setups
 
@@ -22,7 +23,11 @@ SUMMARY_KEYS = {"id", "model", "row", "status", "reason", "step_s", "tokens_per_
 
 @pytest.fixture(scope="module")
 def dry(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gpu_suite")
+    """One ``gpu.sh --dry-run`` for the session (every worker reads it: shared_runs.once)."""
+    return once(tmp_path_factory, "gpu_suite_dry", _dry)
+
+
+def _dry(tmp: Path) -> dict:
     out = tmp / "dry.json"
     wheels = tmp / "no_wheels"  # nothing to install: the test never touches the environment
     wheels.mkdir()

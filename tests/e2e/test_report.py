@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from e2e_helpers import cache_env
+from shared_runs import completed, once, process
 
 from train.logger import read_metrics
 
@@ -60,10 +61,12 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, cache_dir):
     """A 20-step EPT smoke run (evaluated at steps 10 and 20) and its report in the default place."""
-    workdir = tmp_path_factory.mktemp("report") / "run"
-    train(workdir, cache_dir, TRAIN)
-    out = report(["--workdir", workdir], cache_dir)
-    return workdir, out
+    def make(root: Path) -> dict:
+        train(root / "run", cache_dir, TRAIN)
+        return {"workdir": str(root / "run"), "out": completed(report(["--workdir", root / "run"], cache_dir))}
+
+    r = once(tmp_path_factory, "report_run", make)  # once for the session (every worker reads it)
+    return Path(r["workdir"]), process(r["out"])
 
 
 def check_png(path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from e2e_helpers import cache_env
+from shared_runs import once
 
 from train.logger import read_metrics
 
@@ -56,11 +57,13 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single_device(tmp_path_factory, cache_dir):
-    workdir = tmp_path_factory.mktemp("mesh") / "one_device"
-    out = train(workdir, cache_dir, None)
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 1}" in out.stderr
-    return read_metrics(workdir)
+    def make(root: Path) -> list:
+        out = train(root / "one_device", cache_dir, None)
+        assert out.returncode == 0, out.stderr[-4000:]
+        assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 1}" in out.stderr
+        return read_metrics(root / "one_device")
+
+    return once(tmp_path_factory, "mesh_single_device", make)  # once for the session (every worker reads it)
 
 
 @pytest.mark.parametrize("name", list(MESHES))

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from e2e_helpers import SMOKE_OVERRIDES, SMOKE_STEPS, cache_env, session_dir, shared_reference
+from e2e_helpers import SMOKE_OVERRIDES, SMOKE_STEPS, cache_env, shared_reference
+from shared_runs import session_dir
 
 from train.logger import TIMING_KEYS
 

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 from e2e_helpers import cache_env
+from shared_runs import completed, once, process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,11 +52,13 @@ def shared_compilation_cache(smoke_run):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("smoke")
-    workdir = root / "run"
-    t0 = time.time()
-    out = cli([], workdir, root / "jax_cache")
-    return out, workdir, time.time() - t0
+    def make(root: Path) -> dict:
+        t0 = time.time()
+        out = cli([], root / "run", root / "jax_cache")
+        return {"out": completed(out), "workdir": str(root / "run"), "seconds": time.time() - t0}
+
+    r = once(tmp_path_factory, "smoke_run", make)  # once for the session (every worker reads it)
+    return process(r["out"]), Path(r["workdir"]), r["seconds"]
 
 
 def records(workdir):

@@ -178,7 +178,14 @@ def _child_main() -> None:
 
 
 @pytest.fixture(scope="module")
-def report() -> dict:
+def report(tmp_path_factory) -> dict:
+    """The 8-device report, computed once for the session (every worker reads it: shared_runs.once)."""
+    from shared_runs import once  # not at the top: this file also runs as the child script, without tests/ on its path
+
+    return once(tmp_path_factory, "sharding_report", lambda _: _report())
+
+
+def _report() -> dict:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
