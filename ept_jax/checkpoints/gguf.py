@@ -13,6 +13,8 @@ biases) from Hugging Face's rotate-half RoPE layout to its interleaved one; :fun
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -169,11 +171,29 @@ def _field_value(field) -> Any:
     return one(field.data[0])
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """All metadata of a GGUF file as ``{key: value}`` (token lists included; no tensor data is read)."""
+def _file_key(path: Path) -> tuple[str, int, int]:
+    """What identifies a file's contents for the caches below: its resolved path, size and modification time."""
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, size: int, mtime_ns: int):
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
+    return gguf.GGUFReader(path)
+
+
+def _reader(path: Path):
+    """The ``gguf.GGUFReader`` of ``path``, parsed once per process while the file is unchanged: parsing
+    SmolLM2's header (49k tokens and merges, element by element) takes ~2 s, and a comparison loads the model
+    once per method. The reader memory-maps the file and is only read."""
+    return _cached_reader(*_file_key(path))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """All metadata of a GGUF file as ``{key: value}`` (token lists included; no tensor data is read)."""
+    reader = _reader(Path(path))
     return {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
@@ -267,7 +287,7 @@ def read_gguf(
 
     path = Path(path)
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = _reader(path)
     except Exception as e:  # the reader raises ValueError/struct.error/... on foreign files
         raise CheckpointError(f"{path} is not a readable GGUF file: {type(e).__name__}: {e}") from e
     meta = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
@@ -300,12 +320,20 @@ def read_gguf(
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer stored in a GGUF file, built by transformers (``AutoTokenizer(..., gguf_file=...)``)."""
-    from transformers import AutoTokenizer
-
+    """The tokenizer stored in a GGUF file, built by transformers (``AutoTokenizer(..., gguf_file=...)``): once per
+    process while the file is unchanged (~3 s for SmolLM2's), each call getting its own copy (a caller may change
+    its padding side or special tokens)."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"GGUF file {str(p)!r} does not exist")
+    return copy.deepcopy(_cached_tokenizer(*_file_key(p)))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_tokenizer(path: str, size: int, mtime_ns: int):
+    from transformers import AutoTokenizer
+
+    p = Path(path)
     return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
 
 
