@@ -10,6 +10,8 @@ named on its command line and then runs the program's module as ``__main__``.
   ``OSError(ENOSPC)`` from the write of its host record (the checkpoint is never committed).
 * ``kill_during_checkpoint``: the process ``SIGKILL`` s itself in the middle of writing regular checkpoint ``N``
   (:mod:`train.checkpointing`): once its host record is in Orbax's temporary directory, before the commit.
+* ``kill_before_step``: the process ``SIGKILL`` s itself before update ``N`` (1-based), once its pending checkpoint
+  writes are committed: a process of a multi-process job lost between two checkpoints, at a known point.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class Faults:
     nan_at_steps: frozenset[int] = frozenset()
     kill_during_checkpoint: int | None = None
     disk_full_at_checkpoint: int | None = None
+    kill_before_step: int | None = None
 
 
 #: the installed faults (none by default)
@@ -29,9 +32,10 @@ FAULTS = Faults()
 
 
 def install(nan_at_steps=(), kill_during_checkpoint: int | None = None,
-            disk_full_at_checkpoint: int | None = None) -> Faults:
+            disk_full_at_checkpoint: int | None = None, kill_before_step: int | None = None) -> Faults:
     """Replaces the installed faults; returns them."""
     FAULTS.nan_at_steps = frozenset(int(s) for s in nan_at_steps)
     FAULTS.kill_during_checkpoint = None if kill_during_checkpoint is None else int(kill_during_checkpoint)
     FAULTS.disk_full_at_checkpoint = None if disk_full_at_checkpoint is None else int(disk_full_at_checkpoint)
+    FAULTS.kill_before_step = None if kill_before_step is None else int(kill_before_step)
     return FAULTS

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,9 @@ class _Run:
         self.t_start = time.time()
         flat = self.train_step.flatten(self.state)  # the loop's parameters; self.state is synced when read
         while self.step < total:
+            if self.step + 1 == faults.FAULTS.kill_before_step:  # the reliability tests' seam (train/faults.py)
+                self.ckpt.wait()
+                os.kill(os.getpid(), signal.SIGKILL)
             np_batch = next(self.data.batches)
             batch = {k: state_lib.put_rows(v, self.batch_sharding, self.rows, self.global_batch)
                      for k, v in np_batch.items()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -98,7 +99,7 @@ def test_distributed_arguments_pass_the_process_layout_on():
                                                                                     "process_id": 3}
 
 
-# 12 steps, checkpoints every 2 (stops at 2 and 4) or every 4 (a kill -9 at step 6, clear of both checkpoints)
+# 12 steps, checkpoints every 2 (stops at 2 and 4) or every 4 (a kill -9 before step 7, clear of both checkpoints)
 RUN = ["--config", "configs/smoke.py", "--config.train.steps=12", "--config.train.warmup_steps=1",
        "--config.train.log_every=1", "--config.train.eval_every=12", "--config.train.checkpoint_every=2",
        "--config.eval.max_examples=8"]
@@ -153,18 +154,18 @@ def _encoded(text: str, prefix: str = "") -> tuple[int, int, int, int, int]:
 
 def test_two_processes_train_as_one_survive_kill_9_and_move_checkpoints_between_process_counts(tmp_path):
     """Two processes against one with as many CPU devices (the smoke run, 12 steps, checkpoints every 2), on
-    both meshes, each ending with the losses of an uninterrupted 1-process run on its mesh (rtol 1e-6) and its final
-    adapters:
+    both meshes, each ending with the losses of an uninterrupted 1-process x 2-device data-parallel run (rtol 1e-6)
+    and its final adapters:
 
-    * data-parallel mesh, 2 processes x 1 device, checkpoints every 4, ``kill -9``: process 1 is killed once step 6
-      is logged (between the checkpoints at 4 and 8: killed while process 0 waits in a checkpoint's barrier, which
-      is no collective, process 0 hangs until JAX's heartbeat timeout and the coordination service aborts it; seen
-      in CI when the kill came right after checkpoint 4's commit); process 0's next collective fails and it exits 3
-      at once (measured 0.2 s) with one line, without waiting for a pending checkpoint write (whose commit barrier
-      the dead process never reaches: waiting made the heartbeat timeout abort it after ~90 s); the same two
-      commands then resume from the last committed checkpoint and finish. Their evaluation and test pass (on 2
-      processes) give the 1-process run's scores. Bound asserted: 130 s. (A 20 s ``EPT_HEARTBEAT_TIMEOUT_S`` made
-      the coordination service abort a live, CPU-starved job at shutdown in CI: the test keeps JAX's default.)
+    * data-parallel mesh, 2 processes x 1 device, checkpoints every 4, ``kill -9``: process 1 ``SIGKILL`` s itself
+      before update 7, once checkpoint 4 is committed (``tests/e2e/faulty.py --kill_before_step=7``: a kill from
+      outside raced the commit of checkpoint 4, which then never completed, or caught process 0 in a checkpoint's
+      barrier, which is no collective and hangs until JAX's heartbeat timeout aborts it: both seen in CI);
+      process 0's next collective fails and it exits 3 at once (measured 0.2 s) with one line, without waiting for a
+      pending checkpoint write (whose commit barrier the dead process never reaches); the same two commands then
+      resume from checkpoint 4 and finish. Their evaluation and test pass (on 2 processes) give the 1-process
+      run's scores. Bound asserted: 130 s. (A 20 s ``EPT_HEARTBEAT_TIMEOUT_S`` made the coordination service abort
+      a live, CPU-starved job at shutdown in CI: the test keeps JAX's default.)
     * fsdp mesh, 2 processes x 2 devices, checkpoints crossing process counts: 1 process stops after the
       checkpoint at step 2 (``EPT_STOP_AFTER_STEP``), ``train.launch --processes 2`` continues and both stop after
       the one at step 4, 1 process finishes.
@@ -188,13 +189,13 @@ def test_two_processes_train_as_one_survive_kill_9_and_move_checkpoints_between_
     def losses(d):
         return [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
 
-    full = {}
-    for mesh in meshes:
-        full[mesh] = tmp_path / f"full_{mesh}"
-        out = one(full[mesh], mesh)
-        assert out.returncode == 0, out.stderr[-3000:]
-        p, n, total, rows, batch = _encoded(out.stderr)
-        assert (p, n, rows, batch) == (0, 16 * STEPS, 16, 16)  # 16 rows a step, no example twice
+    # the uninterrupted reference of both meshes: one process, 2 devices, data-parallel (the fsdp mesh's runs on 4
+    # devices log the same losses: tests/e2e/test_train_mesh.py shows meshes agree)
+    full = tmp_path / "full"
+    out = one(full, "data")
+    assert out.returncode == 0, out.stderr[-3000:]
+    p, n, total, rows, batch = _encoded(out.stderr)
+    assert (p, n, rows, batch) == (0, 16 * STEPS, 16, 16)  # 16 rows a step, no example twice
 
     # data mesh, 2 processes x 1 device: kill -9 of process 1, then the same two commands resume. (With 2 CPU
     # devices per process, the survivor's collective blocks in gloo until the heartbeat timeout and the coordination
@@ -202,32 +203,28 @@ def test_two_processes_train_as_one_survive_kill_9_and_move_checkpoints_between_
     a = tmp_path / "data_killed"
     two_env = {**env, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1", "JAX_NUM_PROCESSES": "2"}
 
-    def start(port):
-        return [subprocess.Popen([sys.executable, "-m", "train.main", *RUN, "--config.train.checkpoint_every=4",
-                                  f"--workdir={a}"], cwd=REPO,
-                                 env={**two_env, "JAX_PROCESS_ID": str(i),
-                                      "JAX_COORDINATOR_ADDRESS": f"localhost:{port}"},
+    def start(port, kill_1_before_step=None):
+        fault = [str(REPO / "tests/e2e/faulty.py"), f"--kill_before_step={kill_1_before_step}", "--"]
+        return [subprocess.Popen([sys.executable, *(fault if i == 1 and kill_1_before_step else ["-m"]),
+                                  "train.main", *RUN, "--config.train.checkpoint_every=4", f"--workdir={a}"],
+                                 cwd=REPO, env={**two_env, "JAX_PROCESS_ID": str(i),
+                                                "JAX_COORDINATOR_ADDRESS": f"localhost:{port}"},
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
 
-    procs = start(_free_port())
-    metrics = a / "metrics.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 6):
-        assert procs[0].poll() is None, procs[0].communicate()[1][-3000:]
-        time.sleep(0.05)
-    procs[1].kill()
+    procs = start(_free_port(), kill_1_before_step=7)
+    _, err1 = procs[1].communicate(timeout=600)
+    assert procs[1].returncode == -signal.SIGKILL, err1[-3000:]
     t0 = time.time()
     _, err = procs[0].communicate(timeout=300)
     assert time.time() - t0 < 130
     assert procs[0].returncode == 3, err[-3000:]
     lines = [x for x in err.splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and "another process is gone" in lines[0] and "Traceback" not in err
-    procs[1].communicate()
     resumed = start(_free_port())
     outs = [p.communicate(timeout=600) for p in resumed]
     assert [p.returncode for p in resumed] == [0, 0], outs[0][1][-3000:]
     at = re.search(r"resumed from \S+ at step (\d+)", outs[0][1])
-    assert at and int(at.group(1)) in (4, 8), outs[0][1][-3000:]
+    assert at and int(at.group(1)) == 4, outs[0][1][-3000:]
     for p in (0, 1):  # the steps after the checkpoint, its 8 rows of each (one device holds them)
         assert _encoded(outs[p][1]) == (p, 8 * (STEPS - int(at.group(1))), total, 8, 16)
 
@@ -247,20 +244,20 @@ def test_two_processes_train_as_one_survive_kill_9_and_move_checkpoints_between_
     assert last.returncode == 0, last.stderr[-3000:]
 
     for d, mesh in ((a, "data"), (b, "fsdp")):
-        np.testing.assert_allclose(losses(d), losses(full[mesh]), rtol=1e-6, err_msg=mesh)
+        np.testing.assert_allclose(losses(d), losses(full), rtol=1e-6, err_msg=mesh)
         # float32 adapters after 12 AdamW steps agree to ~1e-6 absolute: the cross-process gradient sum (gloo) adds
         # in another order than one process's, and Adam's first steps (update ~ lr * g / |g|) magnify that on
         # entries whose gradient is near zero
-        for x, y in zip(_adapters(d), _adapters(full[mesh]), strict=True):
+        for x, y in zip(_adapters(d), _adapters(full), strict=True):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=5e-6, err_msg=mesh)
     # evaluation under 2 processes (the resumed data-mesh job's step-12 dev evaluation and its final test pass ran
     # there): the greedy generations score as one process's, the held-out losses agree to float32 rounding
-    final = {d: json.loads((d / "metrics.jsonl").read_text().splitlines()[-1]) for d in (a, full["data"])}
-    results = {d: json.loads((d / "results.json").read_text()) for d in (a, full["data"])}
-    assert final[a]["eval"] == final[full["data"]]["eval"] and final[a]["eval"]
-    np.testing.assert_allclose(list(final[a]["eval_loss"].values()),
-                               list(final[full["data"]]["eval_loss"].values()), rtol=1e-5)
-    assert results[a]["test"] == results[full["data"]]["test"] and results[a]["test"]
+    final = {d: json.loads((d / "metrics.jsonl").read_text().splitlines()[-1]) for d in (a, full)}
+    results = {d: json.loads((d / "results.json").read_text()) for d in (a, full)}
+    assert final[a]["eval"] == final[full]["eval"] and final[a]["eval"]
+    np.testing.assert_allclose(list(final[a]["eval_loss"].values()), list(final[full]["eval_loss"].values()),
+                               rtol=1e-5)
+    assert results[a]["test"] == results[full]["test"] and results[a]["test"]
 
 
 def test_a_process_with_another_config_is_refused_naming_the_keys(tmp_path):
