@@ -6,6 +6,15 @@ import jax
 import pytest
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _settled_heap():
+    """What earlier modules left alive (imports, compiled functions' caches) out of the garbage collector's full
+    collections (``train.gc_policy``): they walked it again and again while the tests traced their models."""
+    from train import gc_policy
+
+    gc_policy.settle()
+
+
 @pytest.fixture
 def x64():
     """float64 for the duration of one test (exact-math tests), restored afterwards."""

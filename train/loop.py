@@ -32,7 +32,7 @@ from flax import nnx
 
 from ept_jax.core import sharding as sharding_lib
 from ept_jax.core.params import TRAINABLE
-from train import configuration, evaluation, faults, rundir, steps, throughput
+from train import configuration, evaluation, faults, gc_policy, rundir, steps, throughput
 from train import state as state_lib
 from train.checkpointing import Checkpointer
 from train.data import build_data
@@ -324,6 +324,7 @@ def run(config, workdir: str | os.PathLike, *, allow_config_change: bool = False
                 lock.release()
             return out
         r = _Run(config, Path(workdir), allow_config_change=allow_config_change, devices=devices)
+        gc_policy.settle()  # the model, data and optimizer state live as long as the run: out of the collector's way
     except BaseException:
         if lock is not None:
             lock.release()

@@ -102,9 +102,11 @@ def main(argv: list[str]) -> None:
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax._src", "etils", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from train import compile_cache, loop  # after flag parsing: importing JAX is slow, errors above should be fast
+    from train import compile_cache, gc_policy, loop  # after flag parsing: importing JAX is slow, errors above
+    # should be fast
 
     compile_cache.enable()
+    gc_policy.settle()  # the imported libraries: out of the garbage collector's full collections
 
     import jax
 
