@@ -204,18 +204,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks import allocator, jax_rows, measure, qwix_peer
     from benchmarks import torch_peer as peer
-    from train import gc_policy
 
     reps, dtype, budget, models = opts["reps"], opts["dtype"], opts["budget"], opts["models"]
     qwix_on = args.qwix if args.qwix is not None else not args.dry_run
-    try:  # setups.hf_model's imports, here: before gc_policy.settle
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        pass
-    # The imported modules' objects out of every later collection: each row's gc.collect (which frees the device
-    # buffers of the row before) then costs milliseconds instead of ~0.5 s.
-    gc_policy.settle()
+    measure.settle_after_imports()
     cache = measure.use_compilation_cache(args.compilation_cache)
     info = measure.machine()
     heap = allocator.loaded()

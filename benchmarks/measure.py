@@ -85,6 +85,21 @@ def use_compilation_cache(path: str | None) -> str | None:
     return None if used is None else str(used)
 
 
+def settle_after_imports() -> None:
+    """Imports what building a row's models needs (torch and transformers, for ``setups.hf_model``, where
+    installed), then moves every object alive out of the garbage collector's view (:func:`train.gc_policy.settle`):
+    each row's ``gc.collect`` (which frees the row before's device buffers) then costs milliseconds, not ~0.5 s,
+    and tracing no longer pays full collections over the imported libraries."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        pass
+    from train import gc_policy
+
+    gc_policy.settle()
+
+
 def compile_jit(fn: Callable, *args) -> tuple[Any, float]:
     """``(compiled, seconds)``: ``fn`` (a ``jax.jit`` object) lowered and compiled for ``args``."""
     t0 = time.perf_counter()

@@ -275,14 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + QUICK_XLA_FLAG).strip()
     cache = measure.use_compilation_cache(args.compilation_cache)
     info = measure.machine()
-    try:  # setups.hf_model's imports, here: before gc_policy.settle (as benchmarks.gpu_suite)
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        pass
-    from train import gc_policy
-
-    gc_policy.settle()  # the imported modules out of every later collection (each row's gc.collect: ms, not ~0.5 s)
+    measure.settle_after_imports()
     default = RESULTS_DIR / f"{measure.machine_slug(info)}{'_quick' if args.quick else ''}.json"
     out = Path(args.out) if args.out else default
     t0 = time.time()

@@ -235,12 +235,13 @@ class _Run:
     def train(self) -> dict[str, Any]:
         cfg = self.config.train
         total, stop_after, nan_steps = int(cfg.steps), _stop_after(), faults.FAULTS.nan_at_steps
+        kill_before = faults.FAULTS.kill_before_step
         pending: list = []
         interval_start, tokens, t_interval = self.step, 0, time.time()
         self.t_start = time.time()
         flat = self.train_step.flatten(self.state)  # the loop's parameters; self.state is synced when read
         while self.step < total:
-            if self.step + 1 == faults.FAULTS.kill_before_step:  # the reliability tests' seam (train/faults.py)
+            if self.step + 1 == kill_before:  # the reliability tests' seam (train/faults.py)
                 self.ckpt.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
             np_batch = next(self.data.batches)
@@ -344,5 +345,6 @@ def run(config, workdir: str | os.PathLike, *, allow_config_change: bool = False
         try:
             r.close(failed=failed, peer_gone=peer_gone)
         finally:
+            gc_policy.release()  # this run's model and state: collectable again once the caller drops them
             if lock is not None:
                 lock.release()

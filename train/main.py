@@ -102,8 +102,8 @@ def main(argv: list[str]) -> None:
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax._src", "etils", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from train import compile_cache, gc_policy, loop  # after flag parsing: importing JAX is slow, errors above
-    # should be fast
+    # after flag parsing: importing JAX is slow, errors above should be fast
+    from train import compile_cache, gc_policy, loop
 
     compile_cache.enable()
     gc_policy.settle()  # the imported libraries: out of the garbage collector's full collections

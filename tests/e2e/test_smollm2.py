@@ -10,6 +10,7 @@ installs them): skipped with that reason when they are absent, failed under CI.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -92,6 +93,9 @@ def test_compare_on_truncated_smollm2(tmp_path):
         "eval.max_examples": 4, "eval.batch_size": 4, "eval.max_new_tokens": 2,
     })
     out = compare.compare(c, tmp_path)
+    # each run froze its objects out of the garbage collector's view (train.gc_policy) and handed them back at its
+    # end: a finished method's model is collectable, whatever cycles it holds
+    assert gc.get_freeze_count() == 0
     runs = out["runs"]
     assert set(runs) == {"base", "ept", "lora"}
     for method in ("base", "ept", "lora"):
