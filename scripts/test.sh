@@ -6,8 +6,13 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 # XLA's backend optimisations off (LLVM -O0, no expensive passes): the tests' programs are tiny, so compiling them
 # dominates and running them unoptimised costs nothing; the same values to rounding (every tolerance unchanged).
-# Subprocesses inherit it (it is a JAX setting, not an XLA_FLAGS entry, which several tests replace).
+# Subprocesses inherit it.
 export JAX_DISABLE_MOST_OPTIMIZATIONS="${JAX_DISABLE_MOST_OPTIMIZATIONS:-1}"
+# XLA:CPU's older loop emitters instead of its MLIR fusion emitters, which compiled every fusion through MLIR pattern
+# rewriting on extra threads: a smoke run's first (uncached) start took 24-27 s of CPU, 14-21 s with this (3 runs each);
+# tests/unit/test_layer_scan.py + test_reference_training.py 215 -> 167 s. Every tolerance unchanged. Subprocesses
+# inherit it: the tests that set a simulated device count keep the other flags (tests/child_env.py).
+export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_cpu_use_fusion_emitters=false"
 # One persistent compilation cache for the session (train.compile_cache), every program in it however fast it
 # compiled: the tests' subprocess runs of one config compile once. Fresh per session, so a local run is timed as CI's
 # clean machine is; EPT_COMPILATION_CACHE set by the caller wins.

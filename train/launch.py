@@ -37,6 +37,9 @@ def _pump(stream, prefix: str, out) -> None:
     stream.close()
 
 
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
 def launch(n: int, args: list[str], *, module: str = "train.main", cpu_devices: int | None = None,
            port: int | None = None, grace: float = 10.0, out=None) -> int:
     """Runs the job (module docstring); returns the exit status (0, or the first non-zero one)."""
@@ -46,7 +49,9 @@ def launch(n: int, args: list[str], *, module: str = "train.main", cpu_devices: 
     env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"localhost:{port or free_port()}", "JAX_NUM_PROCESSES": str(n)}
     if cpu_devices is not None:
         env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(cpu_devices))
-        env.pop("XLA_FLAGS", None)  # --xla_force_host_platform_device_count would fight JAX_NUM_CPU_DEVICES
+        # --xla_force_host_platform_device_count would fight JAX_NUM_CPU_DEVICES; the user's other XLA flags stay
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
+        env["XLA_FLAGS"] = " ".join(flags)
     procs, pumps = [], []
     for i in range(n):
         p = subprocess.Popen([sys.executable, "-u", "-m", module, *args], env={**env, "JAX_PROCESS_ID": str(i)},

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from child_env import set_xla_flags
 from shared_runs import once
 
 from benchmarks import allocator, interleaved, measure, run, setups, table
@@ -36,7 +37,7 @@ def quick(tmp_path_factory):
 def _quick(root: Path) -> str:
     out = root / "quick.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env.pop("XLA_FLAGS", None)
+    set_xla_flags(env)
     # the session's compilation cache (scripts/test.sh): the interleaved rounds load the programs of the main rows
     # and the GPU suite's dry run (the same models and rows) those of this run
     cache = ["--compilation-cache", os.environ["EPT_COMPILATION_CACHE"]] if os.environ.get("EPT_COMPILATION_CACHE") \

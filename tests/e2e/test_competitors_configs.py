@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from child_env import set_xla_flags
 
 REPO = Path(__file__).resolve().parents[2]
 KINDS = ("more", "moelora_release", "trex")
@@ -61,7 +62,7 @@ def glue_inputs(tmp_path_factory):
 def test_glue_config_by_override(kind, glue_inputs, tmp_path):
     model, data = glue_inputs
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    env.pop("XLA_FLAGS", None)
+    set_xla_flags(env)
     cmd = [sys.executable, "-m", "train.main", "--config", str(REPO / "configs/t5_glue.py"),
            "--workdir", str(tmp_path / "run"), f"--config.adapter.kind={kind}",
            f"--config.model.name_or_path={model}", f"--config.data.path={data}", "--config.data.tasks=('rte',)",

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from child_env import set_xla_flags
 from shared_runs import once
 
 from benchmarks import gpu_suite, run, setups
@@ -33,7 +34,7 @@ def _dry(tmp: Path) -> dict:
     wheels.mkdir()
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHON=sys.executable, EPT_WHEELS=str(wheels))
-    env.pop("XLA_FLAGS", None)
+    set_xla_flags(env)
     # the session's compilation cache (scripts/test.sh): the models and rows of benchmarks.run --quick's
     cache = ["--compilation-cache", os.environ["EPT_COMPILATION_CACHE"]] if os.environ.get("EPT_COMPILATION_CACHE") \
         else []

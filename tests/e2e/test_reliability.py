@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from child_env import set_xla_flags
 from e2e_helpers import SMOKE_OVERRIDES, SMOKE_STEPS, cache_env, shared_reference
 from shared_runs import session_dir
 
@@ -29,7 +30,7 @@ from train.logger import TIMING_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS, OVERRIDES = SMOKE_STEPS, SMOKE_OVERRIDES
-FAULT_ENV = ("EPT_STOP_AFTER_STEP", "XLA_FLAGS")
+FAULT_ENV = ("EPT_STOP_AFTER_STEP",)
 
 
 def cli(workdir, cache_dir, args=(), faults=(), **env_extra) -> subprocess.CompletedProcess:
@@ -38,6 +39,7 @@ def cli(workdir, cache_dir, args=(), faults=(), **env_extra) -> subprocess.Compl
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", **cache_env(cache_dir))
     for key in FAULT_ENV:
         env.pop(key, None)
+    set_xla_flags(env)
     env.update(env_extra)
     runner = ["-m", "train.main"]
     if faults:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from child_env import set_xla_flags
 from e2e_helpers import cache_env
 from shared_runs import completed, once, process
 
@@ -36,7 +37,7 @@ LORA = ["--config.adapter.kind=lora", "--config.train.steps=3", "--config.train.
 
 def environment(cache_dir: Path) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", **cache_env(cache_dir))
-    env.pop("XLA_FLAGS", None)
+    set_xla_flags(env)
     env.pop("EPT_STOP_AFTER_STEP", None)
     return env
 

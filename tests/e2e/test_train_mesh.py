@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from child_env import set_xla_flags
 from e2e_helpers import cache_env
 from shared_runs import once
 
@@ -39,11 +40,11 @@ RTOL = 1e-4
 def train(workdir: Path, cache_dir: Path, mesh: dict | None) -> subprocess.CompletedProcess:
     """Runs the smoke config; ``mesh`` None: one device, else 8 simulated devices with these mesh sizes."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", **cache_env(cache_dir))
-    env.pop("XLA_FLAGS", None)
+    set_xla_flags(env)
     env.pop("EPT_STOP_AFTER_STEP", None)
     args = []
     if mesh is not None:
-        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        set_xla_flags(env, devices=8)
         args = [f"--config.mesh.{axis}={size}" for axis, size in mesh.items()]
     cmd = [sys.executable, "-m", "train.main", "--config", str(REPO / "configs/smoke.py"), "--workdir",
            str(workdir), *OVERRIDES, *args]

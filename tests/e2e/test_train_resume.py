@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from child_env import set_xla_flags
 from e2e_helpers import SMOKE_OVERRIDES, SMOKE_STEPS, cache_env, shared_reference
 from shared_runs import session_dir
 
@@ -35,7 +36,7 @@ def command(workdir, args=()):
 
 def environment(cache_dir, **extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", **cache_env(cache_dir), **extra)
-    env.pop("XLA_FLAGS", None)
+    set_xla_flags(env)
     env.pop("EPT_STOP_AFTER_STEP", None)
     env.update(extra)
     return env

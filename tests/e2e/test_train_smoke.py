@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from child_env import set_xla_flags
 from e2e_helpers import cache_env
 from shared_runs import completed, once, process
 
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 def cli(args, workdir, cache_dir, env_extra=None, timeout=600):
     """Runs ``python -m train.main`` with the smoke config; returns the CompletedProcess."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", **cache_env(cache_dir), **(env_extra or {}))
-    env.pop("XLA_FLAGS", None)
+    set_xla_flags(env)
     cmd = [sys.executable, "-m", "train.main", "--config", str(REPO / "configs/smoke.py"), "--workdir", str(workdir),
            *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

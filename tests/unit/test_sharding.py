@@ -8,6 +8,7 @@ import textwrap
 
 import jax.numpy as jnp
 import pytest
+from child_env import set_xla_flags
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -69,7 +70,7 @@ SUBPROCESS = textwrap.dedent(
 
 
 def test_state_shardings_on_8_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = set_xla_flags(dict(os.environ, JAX_PLATFORMS="cpu"), devices=8)
     out = subprocess.run([sys.executable, "-c", SUBPROCESS], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OK" in out.stdout

@@ -186,8 +186,10 @@ def report(tmp_path_factory) -> dict:
 
 
 def _report() -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    from child_env import set_xla_flags  # lazily, as shared_runs
+
+    env = set_xla_flags(dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
+                             PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])), devices=8)
     out = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from child_env import set_xla_flags
 
 from ept_jax.data import load_task, semantic
 from ept_jax.data.batching import TrainBatches, eval_batches
@@ -269,7 +270,7 @@ def test_semantic_reaches_the_layers_in_training_and_evaluation(tmp_path, embedd
 @needs_wheel
 def test_train_main_trex_smoke_caches_under_the_workdir(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    env.pop("XLA_FLAGS", None)
+    set_xla_flags(env)
     workdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "train.main", "--config", str(REPO / "configs/smoke.py"),
            "--config.adapter.kind=trex", "--config.adapter.trex_r1=2", "--config.adapter.trex_r2=3",
