@@ -8,25 +8,15 @@ rest, instead of dropping ``XLA_FLAGS`` altogether.
 
 from __future__ import annotations
 
-import os
-
-DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-
-
-def xla_flags(devices: int | None = None, base: str | None = None) -> str:
-    """``base`` (default: this process's ``XLA_FLAGS``) without any device count, plus ``devices`` simulated CPU
-    devices when given."""
-    text = os.environ.get("XLA_FLAGS", "") if base is None else base
-    kept = [f for f in text.split() if not f.startswith(DEVICE_COUNT_FLAG)]
-    if devices is not None:
-        kept.append(f"{DEVICE_COUNT_FLAG}={devices}")
-    return " ".join(kept)
+from train.launch import DEVICE_COUNT_FLAG, without_device_count
 
 
 def set_xla_flags(env: dict[str, str], devices: int | None = None) -> dict[str, str]:
-    """Sets ``env["XLA_FLAGS"]`` to :func:`xla_flags` of ``env``'s own (removing the key when nothing is left);
-    returns ``env``."""
-    flags = xla_flags(devices, env.get("XLA_FLAGS", ""))
+    """Sets ``env["XLA_FLAGS"]`` to ``env``'s own without a device count (:func:`train.launch.without_device_count`),
+    plus ``devices`` simulated CPU devices when given; removes the key when nothing is left. Returns ``env``."""
+    flags = without_device_count(env.get("XLA_FLAGS", ""))
+    if devices is not None:
+        flags = f"{flags} {DEVICE_COUNT_FLAG}={devices}".strip()
     if flags:
         env["XLA_FLAGS"] = flags
     else:

@@ -40,6 +40,11 @@ def _pump(stream, prefix: str, out) -> None:
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
+def without_device_count(xla_flags: str) -> str:
+    """``xla_flags`` (an ``XLA_FLAGS`` value) without its simulated CPU device count, the other flags kept."""
+    return " ".join(f for f in xla_flags.split() if not f.startswith(DEVICE_COUNT_FLAG))
+
+
 def launch(n: int, args: list[str], *, module: str = "train.main", cpu_devices: int | None = None,
            port: int | None = None, grace: float = 10.0, out=None) -> int:
     """Runs the job (module docstring); returns the exit status (0, or the first non-zero one)."""
@@ -50,8 +55,7 @@ def launch(n: int, args: list[str], *, module: str = "train.main", cpu_devices: 
     if cpu_devices is not None:
         env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(cpu_devices))
         # --xla_force_host_platform_device_count would fight JAX_NUM_CPU_DEVICES; the user's other XLA flags stay
-        flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
-        env["XLA_FLAGS"] = " ".join(flags)
+        env["XLA_FLAGS"] = without_device_count(env.get("XLA_FLAGS", ""))
     procs, pumps = [], []
     for i in range(n):
         p = subprocess.Popen([sys.executable, "-u", "-m", module, *args], env={**env, "JAX_PROCESS_ID": str(i)},
