@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -96,11 +97,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     raise AssertionError("unreachable")
 
 
+NOISY_LOGGERS = ("absl", "orbax", "jax._src", "etils", "datasets")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         fail(f"unexpected positional arguments {argv[1:]}; all options are --flags")
     logging.getLogger().setLevel(logging.INFO)
-    for noisy in ("absl", "orbax", "jax._src", "etils", "datasets"):
+    for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # after flag parsing: importing JAX is slow, errors above should be fast
     from train import compile_cache, gc_policy, loop
@@ -136,6 +140,38 @@ def main(argv: list[str]) -> None:
     if summary.get("choices") is not None:
         line += f", acc_norm ({summary['choices']['format']}) {summary['choices']['mean']['acc_norm']:.2f}"
     print(line + f"; see {WORKDIR.value}")
+
+
+def cli(argv: Sequence[str]) -> int:
+    """``python -m train.main *argv`` in this process: its exit status returned instead of exiting the process.
+    What the command prints goes to ``sys.stdout`` / ``sys.stderr`` as they are at the call, its log records too
+    (to ``sys.stderr``, as absl's handler sends them), so a caller that redirects them reads what a user of the
+    command would; the flags are parsed afresh at every call and the logging levels restored afterwards. (The
+    tests of the command's refusals use it: a Python process for each would spend seconds importing.)"""
+    argv = ["train.main", *map(str, argv)]
+    root = logging.getLogger()
+    levels = {name: logging.getLogger(name).level for name in ("", *NOISY_LOGGERS)}
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname).1s %(name)s: %(message)s"))
+    saved_argv, sys.argv = sys.argv, argv  # ml_collections reads the --config.* overrides from sys.argv
+    flags.FLAGS.unparse_flags()
+    root.addHandler(handler)
+    try:
+        main(parse_flags(argv))
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)  # as the interpreter does with a message
+        return 1
+    finally:
+        root.removeHandler(handler)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        sys.argv = saved_argv
+        for name in [n for n in flags.FLAGS if n.startswith(f"{CONFIG.name}.")]:
+            delattr(flags.FLAGS, name)  # the overrides' flags, which parsing --config defined: the next call's own
+        flags.FLAGS.unparse_flags()
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from in_process import SMOKE_STEPS  # noqa: F401  (the e2e modules import it from here)
 from shared_runs import once
 
 
@@ -17,21 +18,8 @@ def cache_env(own_dir: Path) -> dict[str, str]:
     return {"JAX_COMPILATION_CACHE_DIR": str(own_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
-# The smoke run (configs/smoke.py) that tests/e2e/test_train_resume.py and test_reliability.py interrupt, fault and
-# compare: one uninterrupted reference run serves both modules and every xdist worker (shared_reference).
-SMOKE_STEPS = 20
-SMOKE_OVERRIDES = [
-    f"--config.train.steps={SMOKE_STEPS}",
-    "--config.train.checkpoint_every=5",
-    "--config.train.log_every=5",
-    "--config.train.eval_every=10",
-    "--config.train.keep_checkpoints=4",
-    "--config.eval.max_examples=16",
-]
-
-
 def shared_reference(tmp_path_factory, run) -> Path:
-    """The uninterrupted smoke run with :data:`SMOKE_OVERRIDES`, made once per session (:func:`shared_runs.once`)
+    """The uninterrupted smoke run (:func:`in_process.smoke_args`), made once per session (:func:`shared_runs.once`)
     by ``run(workdir)`` (a ``subprocess.CompletedProcess``). Tests must not write into it (copy it first)."""
     def make(root: Path) -> str:
         out = run(root / "uninterrupted")

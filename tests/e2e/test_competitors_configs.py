@@ -1,10 +1,10 @@
 """MoRE, MOELoRA (release) and T-REX run end to end in the GLUE and commonsense configs by override.
 
-GLUE: ``configs/t5_glue.py`` (the paper's T5 setting) pointed at a tiny random T5 saved as a Hugging Face
-directory and a tiny saved ``rte`` dataset (no hub access), through ``python -m train.main``. Commonsense:
-``configs/smollm2_commonsense_release.py`` (the LLaMA pipeline on the real SmolLM2 GGUF) truncated to its first layer,
-through ``train.loop.run``. Each run: 2 steps, finite losses, the evaluation of every task, and (MoRE only, the
-one with EPT's contrastive loss) a positive contrastive term.
+GLUE: ``configs/t5_glue.py`` (the paper's T5 setting) pointed at a tiny random T5 saved as a Hugging Face directory
+and a tiny saved ``rte`` dataset (no hub access), through ``python -m train.main`` (in this process). Commonsense:
+``configs/smollm2_commonsense_release.py`` (the LLaMA pipeline on the real SmolLM2 GGUF) truncated to its first
+layer, through ``train.loop.run``. Each run: 2 steps, finite losses, the evaluation of every task, and (MoRE only,
+the one with EPT's contrastive loss) a positive contrastive term.
 """
 
 from __future__ import annotations
@@ -12,15 +12,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from child_env import set_xla_flags
+from in_process import train_main
 
 REPO = Path(__file__).resolve().parents[2]
 KINDS = ("more", "moelora_release", "trex")
@@ -61,14 +59,12 @@ def glue_inputs(tmp_path_factory):
 @pytest.mark.parametrize("kind", KINDS)
 def test_glue_config_by_override(kind, glue_inputs, tmp_path):
     model, data = glue_inputs
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    set_xla_flags(env)
-    cmd = [sys.executable, "-m", "train.main", "--config", str(REPO / "configs/t5_glue.py"),
-           "--workdir", str(tmp_path / "run"), f"--config.adapter.kind={kind}",
-           f"--config.model.name_or_path={model}", f"--config.data.path={data}", "--config.data.tasks=('rte',)",
-           "--config.data.tokenizer=byt5", "--config.data.max_source_length=48", "--config.data.max_target_length=8",
-           "--config.train.batch_size=8", "--config.eval.batch_size=8", *SHORT]
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = train_main(  # in this process: tests/in_process.py
+        "--config", str(REPO / "configs/t5_glue.py"), "--workdir", str(tmp_path / "run"),
+        f"--config.adapter.kind={kind}",
+        f"--config.model.name_or_path={model}", f"--config.data.path={data}", "--config.data.tasks=('rte',)",
+        "--config.data.tokenizer=byt5", "--config.data.max_source_length=48", "--config.data.max_target_length=8",
+        "--config.train.batch_size=8", "--config.eval.batch_size=8", *SHORT)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "done: step 2" in out.stdout
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

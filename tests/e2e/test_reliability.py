@@ -4,12 +4,12 @@ Faults (installed through ``tests/e2e/faulty.py``, the :mod:`train.faults` seam)
 checkpoint write (``--kill_during_checkpoint``: Orbax's temporary
 directory is left behind, the next start ignores and removes it, resumes from the previous checkpoint and ends
 identical to an uninterrupted run), a NaN loss under both ``train.nan_policy`` values (``--nan_at_steps``), a
-checkpoint of another adapter config (same shapes) refused. Bad input: every case exits 2 with exactly one line on
-stderr naming the bad value, no traceback, and leaves nothing behind (no workdir when the command created it; an
-existing run's workdir byte for byte unchanged).
+checkpoint of another adapter config (same shapes) and an existing run's workdir with another config refused (in
+this process: :func:`in_process.train_main`), each with one line on stderr and the workdir byte for byte unchanged.
 
 ``kill -9`` during training, a truncated checkpoint file and another adapter shape are in
-``tests/e2e/test_train_resume.py``; exporting a task the checkpoint does not have in ``tests/unit/test_export.py``.
+``tests/e2e/test_train_resume.py``; bad configs, datasets and model directories in ``tests/unit/test_refusals.py``;
+exporting a task the checkpoint does not have in ``tests/unit/test_export.py``.
 """
 
 import json
@@ -23,18 +23,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from child_env import set_xla_flags
-from e2e_helpers import SMOKE_OVERRIDES, SMOKE_STEPS, cache_env, shared_reference
+from e2e_helpers import SMOKE_STEPS, cache_env, shared_reference
+from in_process import assert_one_line_refusal, smoke_args, train_main
 from shared_runs import session_dir
 
 from train.logger import TIMING_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS, OVERRIDES = SMOKE_STEPS, SMOKE_OVERRIDES
+STEPS = SMOKE_STEPS
 FAULT_ENV = ("EPT_STOP_AFTER_STEP",)
 
 
 def cli(workdir, cache_dir, args=(), faults=(), **env_extra) -> subprocess.CompletedProcess:
-    """``python -m train.main`` on the smoke config with :data:`OVERRIDES` and ``args`` (later ones win); with
+    """``python -m train.main`` on the smoke config (:func:`in_process.smoke_args`) with ``args`` (later ones win); with
     ``faults`` (options of ``tests/e2e/faulty.py``) through that runner, which installs them first."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", **cache_env(cache_dir))
     for key in FAULT_ENV:
@@ -44,9 +45,9 @@ def cli(workdir, cache_dir, args=(), faults=(), **env_extra) -> subprocess.Compl
     runner = ["-m", "train.main"]
     if faults:
         runner = [str(REPO / "tests" / "e2e" / "faulty.py"), *faults, "--", "train.main"]
-    cmd = [sys.executable, *runner, "--config", str(REPO / "configs/smoke.py"), "--workdir",
-           str(workdir), *OVERRIDES, *map(str, args)]
+    cmd = [sys.executable, *runner, *smoke_args(workdir, args)]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
 
 
 @pytest.fixture(scope="module")
@@ -98,21 +99,6 @@ def assert_identical_runs(a: Path, b: Path) -> None:
 def snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else b"<dir>"
             for p in sorted(directory.rglob("*"))}
-
-
-def assert_one_line_refusal(out: subprocess.CompletedProcess, *needles: str, only_line: bool = True) -> str:
-    """Exit status 2, no traceback, stderr ending in one ``error: ...`` line naming every needle; with
-    ``only_line`` that line is all of stderr (refused before any progress was logged)."""
-    assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
-    assert "Traceback" not in out.stderr
-    lines = out.stderr.splitlines()
-    assert lines and lines[-1].startswith("error: "), out.stderr[-3000:]
-    assert sum(line.startswith("error: ") for line in lines) == 1
-    if only_line:
-        assert len(lines) == 1, out.stderr[-3000:]
-    for needle in needles:
-        assert needle in lines[-1], (needle, lines[-1])
-    return lines[-1]
 
 
 # ---------------------------------------------------------------------------------------------------- faults
@@ -194,7 +180,7 @@ def test_checkpoint_of_another_adapter_config_is_refused(reference, cache_dir, t
     work = tmp_path / "run"
     shutil.copytree(reference, work)  # the shared reference stays untouched (other tests read it meanwhile)
     before = snapshot(work)
-    out = cli(work, cache_dir, ["--config.adapter.top_k=1", "--allow_config_change"])
+    out = train_main(*smoke_args(work), "--config.adapter.top_k=1", "--allow_config_change")
     assert_one_line_refusal(out, "was written for another model or adapter", "adapter.top_k: checkpoint 2, run 1",
                             "nothing was restored", only_line=False)  # after the accepted change's warning
     assert snapshot(work) == before
@@ -204,115 +190,10 @@ def test_workdir_of_another_config_is_refused(reference, cache_dir, tmp_path):
     work = tmp_path / "run"
     shutil.copytree(reference, work)
     before = snapshot(work)
-    out = cli(work, cache_dir, ["--config.train.learning_rate=0.5"])
+    out = train_main(*smoke_args(work), "--config.train.learning_rate=0.5")
     assert_one_line_refusal(out, "holds a run with another config", "train.learning_rate: saved 0.01, now 0.5",
                             "--allow_config_change")
     assert snapshot(work) == before
-
-
-# ---------------------------------------------------------------------------------------------------- bad input
-
-
-BAD_OVERRIDES = {
-    "unknown_key": (["--config.train.stepz=3"], ["unknown config key 'train.stepz'", "checkpoint_every"]),
-    "reference_kernel_1": (["--config.adapter.expert_kernel_sizes=(1,2)"],
-                           ["expert_kernel_sizes=(1, 2)", "must be >= 2"]),
-    "paper_kernel_3": (["--config.adapter.variant=paper", "--config.adapter.expert_kernel_sizes=(2,3)"],
-                       ["expert_kernel_sizes=(2, 3)", "[3] do not divide d_in=64 and d_out=64"]),
-    "top_k": (["--config.adapter.top_k=5"], ["top_k=5", "accepted 1..4"]),
-    "task_rows": (["--config.adapter.n_task_rows=3"], ["n_tasks=4 > n_task_rows=3"]),
-    "unknown_task": (["--config.data.tasks=('syn_copy','syn_nope')"], ["unknown task 'syn_nope'", "syn_reverse"]),
-    "tokenizer_vocab": (["--config.model.arch.vocab_size=300"],
-                        ["has 384 tokens but the model's vocabulary holds 300"]),
-    "tokenizer_eos": (["--config.model.arch.eos_token_id=2"], ["eos_token_id=1", "eos_token_id=2"]),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_OVERRIDES))
-def test_bad_config_is_one_line_and_leaves_nothing(case, cache_dir, tmp_path):
-    args, needles = BAD_OVERRIDES[case]
-    workdir = tmp_path / "run"
-    out = cli(workdir, cache_dir, args)
-    assert_one_line_refusal(out, *needles)
-    assert not workdir.exists(), sorted(p.name for p in workdir.rglob("*"))
-
-
-def _glue_dir(root: Path, *, drop: str | None = None, validation_rows: int = 6) -> Path:
-    """A tiny saved ``rte`` DatasetDict (``root/rte``), optionally without a column or with fewer rows."""
-    import datasets
-
-    def split(n):
-        cols = {"sentence1": [f"a{i}." for i in range(n)], "sentence2": [f"b{i}." for i in range(n)],
-                "label": [i % 2 for i in range(n)], "idx": list(range(n))}
-        if drop:
-            cols.pop(drop)
-        return datasets.Dataset.from_dict(cols)
-
-    datasets.DatasetDict({"train": split(16), "validation": split(validation_rows)}).save_to_disk(str(root / "rte"))
-    return root
-
-
-@pytest.mark.parametrize(
-    "kind, needles",
-    [
-        ("missing_column", ["task 'rte'", "missing column(s) ['sentence2']", "required:"]),
-        ("empty_split", ["'validation'", "is empty (0 rows)"]),
-    ],
-    ids=["missing_column", "empty_split"],
-)
-def test_bad_dataset_is_one_line(kind, needles, cache_dir, tmp_path):
-    data = _glue_dir(tmp_path / "glue", drop="sentence2" if kind == "missing_column" else None,
-                     validation_rows=0 if kind == "empty_split" else 6)
-    glue = ["--config.data.source=glue", "--config.data.tasks=('rte',)", f"--config.data.path={data}"]
-    workdir = tmp_path / "run"
-    out = cli(workdir, cache_dir, glue)
-    assert_one_line_refusal(out, *needles)
-    assert not workdir.exists()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """The smoke T5 as a Hugging Face directory (config.json + model.safetensors), loadable as it is."""
-    from safetensors.numpy import save_file
-
-    from configs.smoke import SMOKE_ARCH
-    from ept_jax.checkpoints.hf import export_from
-    from ept_jax.checkpoints.load import from_pretrained
-    from ept_jax.checkpoints.t5_map import hf_rules
-    from ept_jax.models.t5 import T5Config, T5Model
-
-    root = tmp_path_factory.mktemp("model") / "t5"
-    root.mkdir()
-    cfg = T5Config.from_hf(dict(SMOKE_ARCH))
-    from flax import nnx
-
-    save_file(export_from(T5Model(cfg, rngs=nnx.Rngs(0)), hf_rules(cfg)), str(root / "model.safetensors"))
-    (root / "config.json").write_text(json.dumps(SMOKE_ARCH))
-    from_pretrained(root)  # the intact directory loads: the defects below are the only ones
-    return root
-
-
-@pytest.mark.parametrize("defect", ["no_weights", "wrong_shape"])
-def test_bad_model_directory_is_one_line(defect, model_dir, cache_dir, tmp_path):
-    import shutil
-
-    from safetensors.numpy import load_file, save_file
-
-    bad = tmp_path / "model"
-    shutil.copytree(model_dir, bad)
-    if defect == "no_weights":
-        (bad / "model.safetensors").unlink()
-        needles = [f"model directory {str(bad)!r} has no weights", "model.safetensors"]
-    else:
-        tensors = load_file(str(bad / "model.safetensors"))
-        key = "encoder.block.0.layer.0.SelfAttention.q.weight"
-        tensors[key] = np.zeros((32, 64), np.float32)
-        save_file(tensors, str(bad / "model.safetensors"))
-        needles = ["does not match the model", f"{key}: checkpoint (64, 32) (after conversion), model (64, 64)"]
-    workdir = tmp_path / "run"
-    out = cli(workdir, cache_dir, ["--config.model.random_init=False", f"--config.model.name_or_path={bad}"])
-    assert_one_line_refusal(out, *needles)
-    assert not workdir.exists()
 
 
 def test_checkpoint_identity_reads_absent_adapter_options_as_their_defaults():

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from child_env import set_xla_flags
 from e2e_helpers import cache_env
+from in_process import train_main
 from shared_runs import completed, once, process
 
 from train.logger import read_metrics
@@ -42,10 +43,9 @@ def environment(cache_dir: Path) -> dict:
     return env
 
 
-def train(workdir: Path, cache_dir: Path, args) -> None:
-    cmd = [sys.executable, "-m", "train.main", "--config", str(REPO / "configs/smoke.py"), "--workdir",
-           str(workdir), *args]
-    out = subprocess.run(cmd, cwd=REPO, env=environment(cache_dir), capture_output=True, text=True, timeout=600)
+def train(workdir: Path, args) -> None:
+    """``train.main`` on the smoke config, in this process (tests/in_process.py)."""
+    out = train_main("--config", str(REPO / "configs/smoke.py"), "--workdir", str(workdir), *args)
     assert out.returncode == 0, out.stderr[-4000:]
 
 
@@ -63,7 +63,7 @@ def cache_dir(tmp_path_factory):
 def run(tmp_path_factory, cache_dir):
     """A 20-step EPT smoke run (evaluated at steps 10 and 20) and its report in the default place."""
     def make(root: Path) -> dict:
-        train(root / "run", cache_dir, TRAIN)
+        train(root / "run", TRAIN)
         return {"workdir": str(root / "run"), "out": completed(report(["--workdir", root / "run"], cache_dir))}
 
     r = once(tmp_path_factory, "report_run", make)  # once for the session (every worker reads it)
@@ -157,7 +157,7 @@ def test_falls_back_to_the_latest_checkpoint(run, tmp_path, cache_dir):
 
 def test_lora_run_gets_no_routing_map(tmp_path, cache_dir):
     workdir = tmp_path / "lora"
-    train(workdir, cache_dir, LORA)
+    train(workdir, LORA)
     out = report(["--workdir", workdir], cache_dir)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "no routing map and no task-embedding PCA" in out.stdout

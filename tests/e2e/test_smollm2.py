@@ -15,14 +15,13 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from in_process import train_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "smollm2_commonsense_release.py"  # the release's setting: letters, generation
@@ -156,19 +155,16 @@ def test_compare_cloze_with_choice_scores_and_per_method_settings(tmp_path):
 
 
 def test_eval_only_cli_and_bad_values(tmp_path):
-    """The README's one-liner for the base model's accuracy, on the truncated model; bad values -> one line."""
-    common = [sys.executable, "-m", "train.main", f"--config={CONFIG}", "--config.model.num_layers=1",
-              "--config.data.tasks=('arc_c',)", "--config.eval.max_examples=2", "--config.eval.batch_size=2",
-              "--config.data.max_source_length=16"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    ok = subprocess.run([*common, f"--workdir={tmp_path / 'base'}", "--config.train.steps=0",
-                         "--config.adapter.kind=none"], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    """The README's one-liner for the base model's accuracy, on the truncated model; bad values -> one line (the
+    command run in this process: tests/in_process.py)."""
+    common = [f"--config={CONFIG}", "--config.model.num_layers=1", "--config.data.tasks=('arc_c',)",
+              "--config.eval.max_examples=2", "--config.eval.batch_size=2", "--config.data.max_source_length=16"]
+    ok = train_main(*common, f"--workdir={tmp_path / 'base'}", "--config.train.steps=0", "--config.adapter.kind=none")
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "done: step 0, test mean" in ok.stdout
     assert json.loads((tmp_path / "base" / "results.json").read_text())["eval_examples"] == {"arc_c": 2}
     for flag, message in (("--config.model.num_layers=31", "num_layers=31: .* has 30 blocks; accepted: 1 .. 30"),
                           ("--config.train.steps=-1", "train.steps=-1: must be an integer >= 0")):
-        bad = subprocess.run([*common, f"--workdir={tmp_path / 'bad'}", flag], capture_output=True, text=True,
-                             timeout=600, cwd=ROOT, env=env)
+        bad = train_main(*common, f"--workdir={tmp_path / 'bad'}", flag)
         assert bad.returncode == 2 and "Traceback" not in bad.stderr
         assert re.search(message, bad.stderr), bad.stderr[-2000:]

@@ -20,18 +20,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from child_env import set_xla_flags
-from e2e_helpers import SMOKE_OVERRIDES, SMOKE_STEPS, cache_env, shared_reference
+from e2e_helpers import SMOKE_STEPS, cache_env, shared_reference
+from in_process import smoke_args, train_main
 from shared_runs import session_dir
 
 from train.logger import TIMING_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS, OVERRIDES = SMOKE_STEPS, SMOKE_OVERRIDES  # the run test_reliability.py faults
+STEPS = SMOKE_STEPS  # the run test_reliability.py faults
 
 
 def command(workdir, args=()):
-    return [sys.executable, "-m", "train.main", "--config", str(REPO / "configs/smoke.py"), "--workdir",
-            str(workdir), *OVERRIDES, *args]
+    return [sys.executable, "-m", "train.main", *smoke_args(workdir, args)]
 
 
 def environment(cache_dir, **extra):
@@ -157,7 +157,7 @@ def test_restoring_another_adapter_shape_is_refused(reference, cache_dir, tmp_pa
     work = tmp_path / "run"
     shutil.copytree(reference, work)  # the shared reference stays untouched (other tests read it meanwhile)
     before = {p: p.read_bytes() for p in (work / "config.json", work / "metrics.jsonl")}
-    out = cli(work, cache_dir, ["--config.adapter.r=4", "--allow_config_change"])
+    out = train_main(*smoke_args(work, ["--config.adapter.r=4", "--allow_config_change"]))  # in this process
     assert out.returncode == 2, out.stderr[-4000:]
     line = out.stderr.strip().splitlines()[-1]
     assert "Traceback" not in out.stderr

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from child_env import set_xla_flags
+from in_process import train_main
 
 from ept_jax.data import load_task, semantic
 from ept_jax.data.batching import TrainBatches, eval_batches
@@ -269,16 +267,13 @@ def test_semantic_reaches_the_layers_in_training_and_evaluation(tmp_path, embedd
 
 @needs_wheel
 def test_train_main_trex_smoke_caches_under_the_workdir(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    set_xla_flags(env)
     workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "train.main", "--config", str(REPO / "configs/smoke.py"),
-           "--config.adapter.kind=trex", "--config.adapter.trex_r1=2", "--config.adapter.trex_r2=3",
-           "--config.data.max_train_examples=8", "--workdir", str(workdir), "--config.train.steps=3",
-           "--config.train.warmup_steps=1", "--config.train.log_every=1", "--config.train.eval_every=3",
-           "--config.train.checkpoint_every=3", "--config.eval.max_examples=2", "--config.eval.max_new_tokens=2",
-           "--config.eval.final_test=False"]
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = train_main(  # in this process: tests/in_process.py
+        "--config", str(REPO / "configs/smoke.py"), "--config.adapter.kind=trex", "--config.adapter.trex_r1=2",
+        "--config.adapter.trex_r2=3", "--config.data.max_train_examples=8", "--workdir", str(workdir),
+        "--config.train.steps=3", "--config.train.warmup_steps=1", "--config.train.log_every=1",
+        "--config.train.eval_every=3", "--config.train.checkpoint_every=3", "--config.eval.max_examples=2",
+        "--config.eval.max_new_tokens=2", "--config.eval.final_test=False")
     assert out.returncode == 0, out.stderr[-4000:]
     assert "done: step 3" in out.stdout
     recs = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,71 @@
+"""``python -m train.main`` run in the test's own process (:func:`train.main.cli`), for the tests of what the command
+prints and refuses: a subprocess for each would spend seconds importing JAX, Flax and transformers before reading its
+first flag. Kept for subprocesses: faults that end the process (``kill -9``), resumes across processes,
+multi-process jobs and the CLI's own start (``tests/e2e/test_train_smoke.py``)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import subprocess
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# The smoke run (configs/smoke.py) that tests/e2e/test_train_resume.py and test_reliability.py interrupt, fault and
+# compare (one uninterrupted reference run serves both modules and every xdist worker: e2e_helpers.shared_reference),
+# and that tests/unit/test_refusals.py gives bad values.
+SMOKE_STEPS = 20
+SMOKE_OVERRIDES = [
+    f"--config.train.steps={SMOKE_STEPS}",
+    "--config.train.checkpoint_every=5",
+    "--config.train.log_every=5",
+    "--config.train.eval_every=10",
+    "--config.train.keep_checkpoints=4",
+    "--config.eval.max_examples=16",
+]
+
+
+def smoke_args(workdir, args=()) -> list[str]:
+    """The arguments of ``train.main`` on the smoke config with :data:`SMOKE_OVERRIDES` and ``args`` (later ones
+    win)."""
+    return ["--config", str(REPO / "configs/smoke.py"), "--workdir", str(workdir), *SMOKE_OVERRIDES, *map(str, args)]
+
+
+# The interpreter's own warning filters (``python -W`` unset): a subprocess run shows the warnings these let through
+INTERPRETER_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, None),
+                       ("ignore", PendingDeprecationWarning, None), ("ignore", ImportWarning, None),
+                       ("ignore", ResourceWarning, None)]
+
+
+def train_main(*args) -> subprocess.CompletedProcess:
+    """``train.main`` with ``args`` in this process: the exit status and what it printed on stdout and stderr (its
+    log records and the warnings a subprocess would print included), as a ``subprocess.CompletedProcess`` of the
+    command it stands for."""
+    from train.main import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.resetwarnings()
+        for action, category, module in reversed(INTERPRETER_FILTERS):
+            warnings.filterwarnings(action, category=category, module=module or "")
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: err.write(
+            warnings.formatwarning(message, category, filename, lineno, line))
+        status = cli([str(a) for a in args])
+    return subprocess.CompletedProcess(["python", "-m", "train.main", *map(str, args)], status, out.getvalue(),
+                                       err.getvalue())
+
+
+def assert_one_line_refusal(out: subprocess.CompletedProcess, *needles: str, only_line: bool = True) -> str:
+    """Exit status 2, no traceback, stderr ending in one ``error: ...`` line naming every needle; with
+    ``only_line`` that line is all of stderr (refused before any progress was logged)."""
+    assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.splitlines()
+    assert lines and lines[-1].startswith("error: "), out.stderr[-3000:]
+    assert sum(line.startswith("error: ") for line in lines) == 1
+    if only_line:
+        assert len(lines) == 1, out.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[-1], (needle, lines[-1])
+    return lines[-1]
