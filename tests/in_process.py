@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import subprocess
 import warnings
 from pathlib import Path
@@ -38,22 +39,43 @@ INTERPRETER_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", D
                        ("ignore", ResourceWarning, None)]
 
 
-def train_main(*args) -> subprocess.CompletedProcess:
+def train_main(*args, faults: dict | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """``train.main`` with ``args`` in this process: the exit status and what it printed on stdout and stderr (its
     log records and the warnings a subprocess would print included), as a ``subprocess.CompletedProcess`` of the
-    command it stands for."""
+    command it stands for. ``faults``: :func:`train.faults.install`'s arguments, installed for the call (as
+    ``tests/e2e/faulty.py`` does for a subprocess). ``env``: environment variables set for the call;
+    ``EPT_STOP_AFTER_STEP`` (a clean stop) is unset unless given, as the subprocess runs drop it."""
+    from train import faults as seam
+    from train.loop import STOP_ENV
     from train.main import cli
 
+    env = {STOP_ENV: None, **(env or {})}
+    saved = {key: os.environ.get(key) for key in env}
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-        warnings.resetwarnings()
-        for action, category, module in reversed(INTERPRETER_FILTERS):
-            warnings.filterwarnings(action, category=category, module=module or "")
-        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: err.write(
-            warnings.formatwarning(message, category, filename, lineno, line))
-        status = cli([str(a) for a in args])
+    try:
+        for key, value in env.items():
+            _set_env(key, value)
+        seam.install(**(faults or {}))
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.resetwarnings()
+            for action, category, module in reversed(INTERPRETER_FILTERS):
+                warnings.filterwarnings(action, category=category, module=module or "")
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: err.write(
+                warnings.formatwarning(message, category, filename, lineno, line))
+            status = cli([str(a) for a in args])
+    finally:
+        seam.install()
+        for key, value in saved.items():
+            _set_env(key, value)
     return subprocess.CompletedProcess(["python", "-m", "train.main", *map(str, args)], status, out.getvalue(),
                                        err.getvalue())
+
+
+def _set_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = str(value)
 
 
 def assert_one_line_refusal(out: subprocess.CompletedProcess, *needles: str, only_line: bool = True) -> str:

@@ -1,11 +1,12 @@
-"""Reliability of ``python -m train.main`` on the smoke config: faults survived, bad input refused clearly.
+"""Reliability of ``python -m train.main`` on the smoke config: faults survived, runs of another config refused.
 
-Faults (installed through ``tests/e2e/faulty.py``, the :mod:`train.faults` seam): ``kill -9`` in the middle of a
-checkpoint write (``--kill_during_checkpoint``: Orbax's temporary
-directory is left behind, the next start ignores and removes it, resumes from the previous checkpoint and ends
-identical to an uninterrupted run), a NaN loss under both ``train.nan_policy`` values (``--nan_at_steps``), a
-checkpoint of another adapter config (same shapes) and an existing run's workdir with another config refused (in
-this process: :func:`in_process.train_main`), each with one line on stderr and the workdir byte for byte unchanged.
+Faults (the :mod:`train.faults` seam): ``kill -9`` in the middle of a checkpoint write (a subprocess run through
+``tests/e2e/faulty.py --kill_during_checkpoint``: Orbax's temporary directory is left behind, the next start ignores
+and removes it, resumes from the previous checkpoint and ends identical to an uninterrupted run), a full disk while
+writing a checkpoint and a NaN loss under both ``train.nan_policy`` values (installed for a run in this process:
+:func:`in_process.train_main`); a checkpoint of another adapter config (same shapes) and an existing run's workdir
+with another config refused, each with one line on stderr and the workdir byte for byte unchanged. Every resume is
+the same command again, in this process.
 
 ``kill -9`` during training, a truncated checkpoint file and another adapter shape are in
 ``tests/e2e/test_train_resume.py``; bad configs, datasets and model directories in ``tests/unit/test_refusals.py``;
@@ -115,7 +116,7 @@ def test_kill_9_during_a_checkpoint_write_resumes_from_the_previous_one(referenc
     assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["10", "5"]
     assert records(workdir)[-1]["step"] == 15  # metrics past the last checkpoint: cut back on resume
 
-    out = cli(workdir, cache_dir)
+    out = train_main(*smoke_args(workdir))  # the same command again (in this process)
     assert out.returncode == 0, out.stderr[-4000:]
     assert f"resumed from {ckpts / '10'} at step 10" in out.stderr
     assert not partial[0].exists()
@@ -128,7 +129,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_the_same_command_resumes(
     checkpoint 10 is untouched, 15 never committed; the same command, with space back, resumes from 10 and ends
     identical to an uninterrupted run."""
     workdir = tmp_path / "full"
-    out = cli(workdir, cache_dir, faults=["--disk_full_at_checkpoint=15"])
+    out = train_main(*smoke_args(workdir), faults={"disk_full_at_checkpoint": 15})  # in this process
     ckpts = workdir / "checkpoints"
     line = assert_one_line_refusal(out, f"writing checkpoint 15 to {ckpts / '15'}",
                                    f"the previous checkpoint ({ckpts / '10'}) is intact", only_line=False)
@@ -136,7 +137,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_the_same_command_resumes(
     assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["10", "5"]
     assert_same_params(params(ckpts / "10/params"), params(reference / "checkpoints/10/params"), "10")
 
-    out = cli(workdir, cache_dir)
+    out = train_main(*smoke_args(workdir))
     assert out.returncode == 0, out.stderr[-4000:]
     assert f"resumed from {ckpts / '10'} at step 10" in out.stderr
     assert_identical_runs(workdir, reference)
@@ -144,7 +145,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_the_same_command_resumes(
 
 def test_nan_loss_skip_policy_counts_and_finishes_finite(reference, cache_dir, tmp_path):
     workdir = tmp_path / "skip"
-    out = cli(workdir, cache_dir, ["--config.train.nan_policy=skip"], faults=["--nan_at_steps=7,8"])
+    out = train_main(*smoke_args(workdir, ["--config.train.nan_policy=skip"]), faults={"nan_at_steps": [7, 8]})
     assert out.returncode == 0, out.stderr[-4000:]
     assert "non-finite loss or gradients at step(s) [7, 8]: skipped" in out.stderr
     recs = [r for r in records(workdir) if "loss" in r]
@@ -161,7 +162,7 @@ def test_nan_loss_skip_policy_counts_and_finishes_finite(reference, cache_dir, t
 
 def test_nan_loss_stop_policy_is_one_line_and_keeps_the_last_checkpoint(reference, cache_dir, tmp_path):
     workdir = tmp_path / "stop"
-    out = cli(workdir, cache_dir, ["--config.train.nan_policy=stop"], faults=["--nan_at_steps=13"])
+    out = train_main(*smoke_args(workdir, ["--config.train.nan_policy=stop"]), faults={"nan_at_steps": [13]})
     last = assert_one_line_refusal(out, only_line=False)  # after the progress logged before the fault
     assert last.startswith("error: NonFiniteLossError: the loss or gradients became NaN/Inf at step 13")
     assert f"the last checkpoint ({workdir / 'checkpoints' / '10'}) is intact" in last
@@ -169,7 +170,7 @@ def test_nan_loss_stop_policy_is_one_line_and_keeps_the_last_checkpoint(referenc
     assert records(workdir)[-1]["step"] == 10 and not (workdir / "results.json").exists()
     assert_same_params(params(workdir / "checkpoints/10/params"), params(reference / "checkpoints/10/params"), "10")
     # nothing lost: the same command without the fault resumes there and ends as the uninterrupted run
-    out = cli(workdir, cache_dir, ["--config.train.nan_policy=stop"])
+    out = train_main(*smoke_args(workdir, ["--config.train.nan_policy=stop"]))
     assert out.returncode == 0, out.stderr[-4000:]
     assert "at step 10" in out.stderr
     assert_identical_runs(workdir, reference)

@@ -100,7 +100,7 @@ def _flatten(tree, prefix=()):
 
 def test_clean_stop_then_same_command_is_identical(reference, cache_dir, tmp_path):
     workdir = tmp_path / "stopped"
-    out = cli(workdir, cache_dir, EPT_STOP_AFTER_STEP=str(STEPS // 2))
+    out = train_main(*smoke_args(workdir), env={"EPT_STOP_AFTER_STEP": STEPS // 2})  # in this process
     assert out.returncode == 0, out.stderr[-4000:]
     assert f"stopped after the checkpoint at step {STEPS // 2}" in out.stdout
     recs = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -114,7 +114,7 @@ def test_clean_stop_then_same_command_is_identical(reference, cache_dir, tmp_pat
     corrupted = tmp_path / "corrupted"
     shutil.copytree(workdir, corrupted)
 
-    out = cli(workdir, cache_dir)
+    out = train_main(*smoke_args(workdir))
     assert out.returncode == 0, out.stderr[-4000:]
     assert not partial.exists()
     assert_identical(outcome(workdir), outcome(reference))
@@ -124,7 +124,7 @@ def test_clean_stop_then_same_command_is_identical(reference, cache_dir, tmp_pat
     victim = max((corrupted / f"checkpoints/{STEPS // 2}/params/d").iterdir(), key=lambda f: f.stat().st_size)
     with open(victim, "r+b") as f:
         f.truncate(victim.stat().st_size // 2)
-    out = cli(corrupted, cache_dir)
+    out = train_main(*smoke_args(corrupted))
     assert out.returncode == 0, out.stderr[-4000:]
     assert f"checkpoints/{STEPS // 2} cannot be read" in out.stderr
     assert (corrupted / "checkpoints_corrupt" / str(STEPS // 2)).is_dir()
@@ -147,7 +147,7 @@ def test_kill_9_during_training_is_identical(reference, cache_dir, tmp_path):
             proc.kill()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (workdir / "results.json").exists()
-    out = cli(workdir, cache_dir)
+    out = train_main(*smoke_args(workdir))  # the same command again (in this process)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "resumed from" in out.stderr
     assert_identical(outcome(workdir), outcome(reference))

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from child_env import set_xla_flags
 from e2e_helpers import cache_env
+from in_process import train_main
 from shared_runs import completed, once, process
 
 REPO = Path(__file__).resolve().parents[2]
@@ -183,16 +184,15 @@ def test_merged_adapters_evaluate_like_routed_adapters(smoke_run, shared_compila
         assert len(plain) == 16 and fused == plain, es.name
 
 
-def test_scanned_layers_train_and_evaluate_like_unrolled_ones(smoke_run, tmp_path):
+def test_scanned_layers_train_and_evaluate_like_unrolled_ones(tmp_path):
     """``model.scan_layers=True`` end to end: the same logged losses, gradient norms and evaluation scores as the
     unrolled layers (3 + 3 blocks, so each stack scans two; dropout on)."""
-    _, smoke_dir, _ = smoke_run
     deeper = ["--config.model.arch.num_layers=3",  # and 3 decoder blocks (num_decoder_layers defaults to it)
               "--config.train.steps=30", "--config.train.eval_every=30", "--config.train.checkpoint_every=30"]
     runs = {}
     for scan in (False, True):
-        out = cli([*deeper, f"--config.model.scan_layers={scan}"], tmp_path / f"scan_{scan}",
-                  smoke_dir.parent / "jax_cache")
+        out = train_main("--config", str(REPO / "configs/smoke.py"), "--workdir", str(tmp_path / f"scan_{scan}"),
+                         *deeper, f"--config.model.scan_layers={scan}")  # in this process: tests/in_process.py
         assert out.returncode == 0, out.stderr[-4000:]
         runs[scan] = records(tmp_path / f"scan_{scan}")
     assert json.loads((tmp_path / "scan_True" / "config.json").read_text())["model"]["scan_layers"] is True
