@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test suite, as the README gives it: tests/unit (in-process) and tests/e2e (subprocess runs of the programs).
+# The test suite, as the README gives it: tests/unit (in-process) and tests/e2e (runs of the programs: in-process, or
+# subprocesses where a process must die, several run or the command line itself is tested).
 # Offline: nothing is fetched from the Hugging Face hub.
 set -euo pipefail
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
