@@ -1,10 +1,10 @@
-"""The smoke run of ``python -m train.main`` on 8 simulated CPU devices, with ``mesh.data=4, mesh.tensor=2`` and
-with ``mesh.fsdp=8``, logs the same training metrics (loss, its parts, gradient norm, learning rate) at every
-logged step as the same run on one device (relative 1e-4).
+"""The smoke run of ``python -m train.main`` on 8 simulated CPU devices, with ``mesh.data=4, mesh.tensor=2`` and with
+``mesh.fsdp=8``, logs the same training metrics (loss, its parts, gradient norm, learning rate) at every logged step
+as the same run on one device (relative 1e-4).
 
-Each run is a subprocess, as a user runs it; the 8 devices come from ``XLA_FLAGS`` set in its environment. The
-runs are short (20 steps, one evaluation of 4 examples per set at the end) and share one persistent compilation
-cache, so the model's initialisers are compiled once.
+Each 8-device run is a subprocess, as a user runs it; the 8 devices come from ``XLA_FLAGS`` set in its environment
+(the one-device run is in this process). The runs are short (20 steps, one evaluation of 4 examples per set at the
+end) and share one persistent compilation cache, so the model's initialisers are compiled once.
 """
 
 import os
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from child_env import set_xla_flags
 from e2e_helpers import cache_env
+from in_process import train_main
 from shared_runs import once
 
 from train.logger import read_metrics
@@ -37,15 +38,13 @@ COMPARED = ("loss", "ce", "contrastive", "grad_norm", "lr")
 RTOL = 1e-4
 
 
-def train(workdir: Path, cache_dir: Path, mesh: dict | None) -> subprocess.CompletedProcess:
-    """Runs the smoke config; ``mesh`` None: one device, else 8 simulated devices with these mesh sizes."""
+def train(workdir: Path, cache_dir: Path, mesh: dict) -> subprocess.CompletedProcess:
+    """Runs the smoke config on 8 simulated devices with these mesh sizes."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", **cache_env(cache_dir))
     set_xla_flags(env)
     env.pop("EPT_STOP_AFTER_STEP", None)
-    args = []
-    if mesh is not None:
-        set_xla_flags(env, devices=8)
-        args = [f"--config.mesh.{axis}={size}" for axis, size in mesh.items()]
+    set_xla_flags(env, devices=8)
+    args = [f"--config.mesh.{axis}={size}" for axis, size in mesh.items()]
     cmd = [sys.executable, "-m", "train.main", "--config", str(REPO / "configs/smoke.py"), "--workdir",
            str(workdir), *OVERRIDES, *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -57,9 +56,9 @@ def cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single_device(tmp_path_factory, cache_dir):
-    def make(root: Path) -> list:
-        out = train(root / "one_device", cache_dir, None)
+def single_device(tmp_path_factory):
+    def make(root: Path) -> list:  # in this process (one device): tests/in_process.py
+        out = train_main("--config", str(REPO / "configs/smoke.py"), "--workdir", str(root / "one_device"), *OVERRIDES)
         assert out.returncode == 0, out.stderr[-4000:]
         assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 1}" in out.stderr
         return read_metrics(root / "one_device")
