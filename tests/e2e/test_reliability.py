@@ -50,16 +50,15 @@ def cli(workdir, cache_dir, args=(), faults=(), **env_extra) -> subprocess.Compl
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return session_dir(tmp_path_factory, "reliability_jax_cache")
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_dir):
+def reference(tmp_path_factory):
     """The uninterrupted, fault-free run (made once per session: tests/e2e/e2e_helpers.py)."""
-    return shared_reference(tmp_path_factory, lambda workdir: cli(workdir, cache_dir))
+    return shared_reference(tmp_path_factory, lambda workdir: train_main(*smoke_args(workdir)))  # in this process
 
 
 def params(path: Path) -> dict[str, np.ndarray]:
@@ -123,7 +122,7 @@ def test_kill_9_during_a_checkpoint_write_resumes_from_the_previous_one(referenc
     assert_identical_runs(workdir, reference)
 
 
-def test_disk_full_during_a_checkpoint_is_one_line_and_the_same_command_resumes(reference, cache_dir, tmp_path):
+def test_disk_full_during_a_checkpoint_is_one_line_and_the_same_command_resumes(reference, tmp_path):
     """Writing checkpoint 15 fails with ENOSPC (``--disk_full_at_checkpoint``, the seam of :mod:`train.faults`):
     exit 2 with one line naming the checkpoint's path, the bytes it needs and the intact previous checkpoint;
     checkpoint 10 is untouched, 15 never committed; the same command, with space back, resumes from 10 and ends
@@ -143,7 +142,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_the_same_command_resumes(
     assert_identical_runs(workdir, reference)
 
 
-def test_nan_loss_skip_policy_counts_and_finishes_finite(reference, cache_dir, tmp_path):
+def test_nan_loss_skip_policy_counts_and_finishes_finite(reference, tmp_path):
     workdir = tmp_path / "skip"
     out = train_main(*smoke_args(workdir, ["--config.train.nan_policy=skip"]), faults={"nan_at_steps": [7, 8]})
     assert out.returncode == 0, out.stderr[-4000:]
@@ -160,7 +159,7 @@ def test_nan_loss_skip_policy_counts_and_finishes_finite(reference, cache_dir, t
     assert any(not np.array_equal(final[k], ref_final[k]) for k in final)
 
 
-def test_nan_loss_stop_policy_is_one_line_and_keeps_the_last_checkpoint(reference, cache_dir, tmp_path):
+def test_nan_loss_stop_policy_is_one_line_and_keeps_the_last_checkpoint(reference, tmp_path):
     workdir = tmp_path / "stop"
     out = train_main(*smoke_args(workdir, ["--config.train.nan_policy=stop"]), faults={"nan_at_steps": [13]})
     last = assert_one_line_refusal(out, only_line=False)  # after the progress logged before the fault
@@ -176,7 +175,7 @@ def test_nan_loss_stop_policy_is_one_line_and_keeps_the_last_checkpoint(referenc
     assert_identical_runs(workdir, reference)
 
 
-def test_checkpoint_of_another_adapter_config_is_refused(reference, cache_dir, tmp_path):
+def test_checkpoint_of_another_adapter_config_is_refused(reference, tmp_path):
     # same parameter shapes, another routing: only the saved identity can tell (never a silent restore)
     work = tmp_path / "run"
     shutil.copytree(reference, work)  # the shared reference stays untouched (other tests read it meanwhile)
@@ -187,7 +186,7 @@ def test_checkpoint_of_another_adapter_config_is_refused(reference, cache_dir, t
     assert snapshot(work) == before
 
 
-def test_workdir_of_another_config_is_refused(reference, cache_dir, tmp_path):
+def test_workdir_of_another_config_is_refused(reference, tmp_path):
     work = tmp_path / "run"
     shutil.copytree(reference, work)
     before = snapshot(work)

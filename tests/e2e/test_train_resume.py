@@ -42,20 +42,15 @@ def environment(cache_dir, **extra):
     return env
 
 
-def cli(workdir, cache_dir, args=(), **extra):
-    return subprocess.run(command(workdir, args), cwd=REPO, env=environment(cache_dir, **extra), capture_output=True,
-                          text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return session_dir(tmp_path_factory, "resume_jax_cache")
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_dir):
+def reference(tmp_path_factory):
     """The uninterrupted 2N-step run (made once per session, shared with test_reliability.py: e2e_helpers.py)."""
-    return shared_reference(tmp_path_factory, lambda workdir: cli(workdir, cache_dir))
+    return shared_reference(tmp_path_factory, lambda workdir: train_main(*smoke_args(workdir)))  # in this process
 
 
 def params(path: Path) -> dict:
@@ -98,7 +93,7 @@ def _flatten(tree, prefix=()):
             yield prefix + (k,), v
 
 
-def test_clean_stop_then_same_command_is_identical(reference, cache_dir, tmp_path):
+def test_clean_stop_then_same_command_is_identical(reference, tmp_path):
     workdir = tmp_path / "stopped"
     out = train_main(*smoke_args(workdir), env={"EPT_STOP_AFTER_STEP": STEPS // 2})  # in this process
     assert out.returncode == 0, out.stderr[-4000:]
@@ -153,7 +148,7 @@ def test_kill_9_during_training_is_identical(reference, cache_dir, tmp_path):
     assert_identical(outcome(workdir), outcome(reference))
 
 
-def test_restoring_another_adapter_shape_is_refused(reference, cache_dir, tmp_path):
+def test_restoring_another_adapter_shape_is_refused(reference, tmp_path):
     work = tmp_path / "run"
     shutil.copytree(reference, work)  # the shared reference stays untouched (other tests read it meanwhile)
     before = {p: p.read_bytes() for p in (work / "config.json", work / "metrics.jsonl")}
