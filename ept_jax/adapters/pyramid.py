@@ -231,7 +231,8 @@ def _pad_to(a: Array, shape: tuple[int, ...]) -> Array:
     widths = [(0, 0)] * (a.ndim - len(shape)) + [(0, s - d) for d, s in zip(tail, shape, strict=True)]
     if all(w == (0, 0) for w in widths):
         return a
-    return jnp.pad(a, widths)
+    # lax.pad itself: jnp.pad traces a nested jit (and a cast of the fill value) into every caller's program
+    return lax.pad(a, jnp.zeros((), a.dtype), [(lo, hi, 0) for lo, hi in widths])
 
 
 def reference_expand(z: Array, kernel: Array, d_out: int) -> Array:
@@ -390,7 +391,10 @@ def expert_deltas(p: Pyramid, A, B, kernels: Sequence[Array], method: str = "exp
 def effective_kernel(kernels: Sequence[Array], members: tuple[int, ...], w: Array) -> Array:
     """``sum_{e in members} w[..., e] * kernels[e]``: ``w (..., n_experts)`` -> ``(..., *kernel_shape)``."""
     stacked = jnp.stack([kernels[e] for e in members])  # (g, a, b)
-    return jnp.einsum("...g,gab->...ab", w[..., list(members)], stacked)
+    lo = members[0]
+    # contiguous members (a pyramid's groups are): a static slice, not a gather (with its index normalisation)
+    cols = slice(lo, lo + len(members)) if tuple(members) == tuple(range(lo, lo + len(members))) else list(members)
+    return jnp.einsum("...g,gab->...ab", w[..., cols], stacked)
 
 
 def mixture_delta(p: Pyramid, A, B, kernels: Sequence[Array], w: Array) -> Array:

@@ -47,11 +47,12 @@ def _reference_banks(p: Pyramid, A, B, kernels: Sequence[Array], dtype) -> tuple
       ``a_bank (n_experts, r, M)`` and ``bank (n_experts, r, d_out)``, in ``dtype``.
     """
     width = max(p.d_in // k for k in p.kernel_sizes)
+    # F_A padded to ``width`` columns (not d_in) is [A_e, 0] of the bank: the factors are exact for any width >= m
     factors = [
-        reference_expert_factors(*expert_seed(p, A, B, e), kernels[e], p.d_in, p.d_out) for e in range(p.n_experts)
+        reference_expert_factors(*expert_seed(p, A, B, e), kernels[e], width, p.d_out) for e in range(p.n_experts)
     ]
-    a_bank = jnp.stack([f_a[:, :width] for _, f_a in factors])
-    bank = jnp.stack([f_b.T for f_b, _ in factors])
+    a_bank = jnp.stack([f_a for _, f_a in factors])
+    bank = jnp.swapaxes(jnp.stack([f_b for f_b, _ in factors]), 1, 2)
     return a_bank.astype(dtype), bank.astype(dtype)
 
 
@@ -142,7 +143,7 @@ def paper_dense_factors(p: Pyramid, A, B, kernels: Sequence[Array], weights: Arr
     for k, members in groups:
         a_g, b_g = group_seed(p, A, B, members)
         keff = effective_kernel(kernels, members, weights)  # (Bt, k, k)
-        ps.append(jnp.kron(a_g, jnp.eye(k, dtype=a_g.dtype)))
+        ps.append(jnp.kron(a_g, np.eye(k, dtype=a_g.dtype)))  # a constant: no iota-and-compare program
         qs.append(jnp.swapaxes(jax.vmap(jnp.kron, (None, 0))(b_g.astype(keff.dtype), keff), 1, 2))
     return jnp.concatenate(ps, 0).T.astype(weights.dtype), jnp.concatenate(qs, 1)
 
