@@ -1,7 +1,7 @@
 """``python -m train.main`` run in the test's own process (:func:`train.main.cli`), for the tests of what the command
 prints and refuses: a subprocess for each would spend seconds importing JAX, Flax and transformers before reading its
-first flag. Kept for subprocesses: faults that end the process (``kill -9``), resumes across processes,
-multi-process jobs and the CLI's own start (``tests/e2e/test_train_smoke.py``)."""
+first flag. Subprocesses remain where the test needs one: a process that dies (``kill -9``), several processes
+(multi-process jobs, simulated devices) and the command line's own start (``tests/e2e/test_train_smoke.py``)."""
 
 from __future__ import annotations
 

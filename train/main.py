@@ -146,8 +146,9 @@ def cli(argv: Sequence[str]) -> int:
     """``python -m train.main *argv`` in this process: its exit status returned instead of exiting the process.
     What the command prints goes to ``sys.stdout`` / ``sys.stderr`` as they are at the call, its log records too
     (to ``sys.stderr``, as absl's handler sends them), so a caller that redirects them reads what a user of the
-    command would; the flags are parsed afresh at every call and the logging levels restored afterwards. (The
-    tests of the command's refusals use it: a Python process for each would spend seconds importing.)"""
+    command would; the flags are parsed afresh at every call and the logging levels restored afterwards. An
+    unexpected exception propagates (the command would print its traceback and exit 1). (The tests of the
+    command's refusals use it: a Python process for each would spend seconds importing.)"""
     argv = ["train.main", *map(str, argv)]
     root = logging.getLogger()
     levels = {name: logging.getLogger(name).level for name in ("", *NOISY_LOGGERS)}
