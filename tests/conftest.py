@@ -76,6 +76,34 @@ def smollm2_gguf():
     return path
 
 
+@pytest.fixture
+def smollm2_transformers(smollm2_gguf, tmp_path_factory):
+    """transformers' own ``LlamaForCausalLM`` of the real GGUF (its GGUF loader dequantises the file), float32, as
+    an independent reference. Its GGUF load (~10 s of parsing) runs once per session (``shared_runs.once``, every
+    xdist worker): the model is saved as a Hugging Face directory, which each test loads."""
+    import json
+
+    import torch
+    import transformers
+    from safetensors.torch import save_model
+    from shared_runs import once
+
+    def make(root):
+        model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                                  dtype=torch.float32)
+        # transformers refuses save_pretrained of a model its GGUF loader made: the config and the dequantised
+        # weights saved directly (the tied embedding once), without the GGUF quantisation entry
+        model.config.save_pretrained(root / "hf")
+        config = json.loads((root / "hf" / "config.json").read_text())
+        config.pop("quantization_config", None)
+        (root / "hf" / "config.json").write_text(json.dumps(config))
+        save_model(model, str(root / "hf" / "model.safetensors"))
+        return str(root / "hf")
+
+    path = once(tmp_path_factory, "smollm2_transformers", make)
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
 def pytest_configure(config):
     """The session's persistent compilation cache (``scripts/test.sh`` sets ``EPT_COMPILATION_CACHE``) serves the
     in-process tests too: a program compiled by one test (or one worker) is loaded by the next that builds it."""

@@ -15,22 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from child_env import set_xla_flags
-from e2e_helpers import cache_env
-from in_process import train_main
+from e2e_helpers import cache_env, shared_reference
+from in_process import smoke_args, train_main
 from shared_runs import completed, once, process
 
 from train.logger import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 PNGS = ("training.png", "eval.png", "routing.png", "task_embeddings_pca.png")
-TRAIN = [
-    "--config.train.steps=20",
-    "--config.train.log_every=5",
-    "--config.train.eval_every=10",
-    "--config.train.checkpoint_every=20",
-    "--config.eval.max_examples=4",
-    "--config.eval.final_test=False",
-]
 LORA = ["--config.adapter.kind=lora", "--config.train.steps=3", "--config.train.warmup_steps=0",
         "--config.train.log_every=1", "--config.train.eval_every=3", "--config.train.checkpoint_every=3",
         "--config.eval.max_examples=2", "--config.eval.final_test=False"]
@@ -61,9 +53,13 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, cache_dir):
-    """A 20-step EPT smoke run (evaluated at steps 10 and 20) and its report in the default place."""
+    """A copy of the session's 20-step EPT smoke run (evaluated at steps 10 and 20: e2e_helpers.shared_reference,
+    which tests/e2e/test_reliability.py and test_train_resume.py fault and compare) and its report in the default
+    place."""
+    reference = shared_reference(tmp_path_factory, lambda workdir: train_main(*smoke_args(workdir)))
+
     def make(root: Path) -> dict:
-        train(root / "run", TRAIN)
+        shutil.copytree(reference, root / "run")  # the shared run stays as it is (the report writes into its copy)
         return {"workdir": str(root / "run"), "out": completed(report(["--workdir", root / "run"], cache_dir))}
 
     r = once(tmp_path_factory, "report_run", make)  # once for the session (every worker reads it)

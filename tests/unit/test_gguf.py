@@ -170,7 +170,7 @@ def test_gguf_errors(tiny, tmp_path):
         load.from_pretrained(tmp_path, gguf_file="absent.gguf")
 
 
-def test_smollm2_q4_1_matches_transformers_gguf_loader(smollm2_gguf):
+def test_smollm2_q4_1_matches_transformers_gguf_loader(smollm2_gguf, smollm2_transformers):
     path = smollm2_gguf
     model = load.from_pretrained(path)
     cfg = model.cfg
@@ -181,7 +181,7 @@ def test_smollm2_q4_1_matches_transformers_gguf_loader(smollm2_gguf):
     ids = np.asarray([[504, 3575, 282, 4649, 314]])
     ours = np.asarray(_logits(model, ids))
     del model
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    theirs = smollm2_transformers  # transformers' own load of the same file (tests/conftest.py)
     with torch.no_grad():
         ref = theirs(torch.tensor(ids)).logits.numpy()
     assert np.abs(ours - ref).max() <= 1e-3

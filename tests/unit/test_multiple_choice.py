@@ -134,12 +134,11 @@ def test_acc_and_acc_norm_disagree_on_a_hand_made_case():
         mc.ChoiceExample("q", ("a", "b"), gold=2)
 
 
-def test_smollm2_scores_equal_transformers_logits(smollm2_gguf):
+def test_smollm2_scores_equal_transformers_logits(smollm2_gguf, smollm2_transformers):
     """On the real GGUF: our scores of two cloze prompts against sums over transformers' own logits (<= 2e-3
     absolute on sums of ~5 log-probabilities; float32 on both sides, the GGUF dequantised by each library)."""
     path = smollm2_gguf
     torch = pytest.importorskip("torch")
-    import transformers
 
     from ept_jax.checkpoints.gguf import load_tokenizer
 
@@ -149,7 +148,7 @@ def test_smollm2_scores_equal_transformers_logits(smollm2_gguf):
     model = load.from_pretrained(path)
     scores = mc.score(model, tok, examples, batch_size=8, max_length=32)
     del model
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    theirs = smollm2_transformers  # transformers' load of the same file (tests/conftest.py)
     for ex, ll in zip(examples, scores.loglik, strict=True):
         for j, choice in enumerate(ex.choices):
             ctx, cont = mc.encode_pair(tok, ex.context, " " + choice)
