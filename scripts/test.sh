@@ -25,7 +25,4 @@ fi
 export EPT_COMPILATION_CACHE_MIN_SECS="${EPT_COMPILATION_CACHE_MIN_SECS:-0}"
 # Two workers on CI's 2 cores: three were not faster in a clean clone (14 min 41 s of tests, 1652 s of CPU; two:
 # 13-15.5 min, 1410-1683 s on this noisy VM), XLA's thread pools oversubscribing the cores.
-# --dist loadscope: each module's tests on one worker. Several modules share one expensive run through a module
-# fixture computed once per session (tests/shared_runs.py); with tests dealt out one by one, the other worker often
-# took the next test of the module and sat idle on the lock while the first computed it (the quick benchmark: a minute).
-python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadscope --durations=15 "$@"
+python -m pytest -q -n "${PYTEST_WORKERS:-2}" --durations=15 "$@"
