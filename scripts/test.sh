@@ -24,5 +24,7 @@ if [ -z "${EPT_COMPILATION_CACHE:-}" ]; then
 fi
 export EPT_COMPILATION_CACHE_MIN_SECS="${EPT_COMPILATION_CACHE_MIN_SECS:-0}"
 # Two workers on CI's 2 cores: three were not faster in a clean clone (14 min 41 s of tests, 1652 s of CPU; two:
-# 13-15.5 min, 1410-1683 s on this noisy VM), XLA's thread pools oversubscribing the cores.
+# 13-15.5 min, 1410-1683 s on this noisy VM), XLA's thread pools oversubscribing the cores. --dist loadscope (a
+# module's tests on one worker, so none waits on a module's shared run) was not faster either: 10:53 of tests against
+# 10:35, the two cores already ~95% busy.
 python -m pytest -q -n "${PYTEST_WORKERS:-2}" --durations=15 "$@"
