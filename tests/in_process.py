@@ -27,10 +27,10 @@ SMOKE_OVERRIDES = [
 ]
 
 
-def smoke_args(workdir, args=()) -> list[str]:
-    """The arguments of ``train.main`` on the smoke config with :data:`SMOKE_OVERRIDES` and ``args`` (later ones
-    win)."""
-    return ["--config", str(REPO / "configs/smoke.py"), "--workdir", str(workdir), *SMOKE_OVERRIDES, *map(str, args)]
+def smoke_args(workdir, args=(), *, overrides=tuple(SMOKE_OVERRIDES)) -> list[str]:
+    """The arguments of ``train.main`` on the smoke config (``configs/smoke.py``) in ``workdir``: ``overrides``
+    (default :data:`SMOKE_OVERRIDES`; ``()`` for the config's own values), then ``args`` (later ones win)."""
+    return ["--config", str(REPO / "configs/smoke.py"), "--workdir", str(workdir), *overrides, *map(str, args)]
 
 
 # The interpreter's own warning filters (``python -W`` unset): a subprocess run shows the warnings these let through

@@ -32,21 +32,15 @@ from train.logger import TIMING_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = SMOKE_STEPS
-FAULT_ENV = ("EPT_STOP_AFTER_STEP",)
 
 
-def cli(workdir, cache_dir, args=(), faults=(), **env_extra) -> subprocess.CompletedProcess:
-    """``python -m train.main`` on the smoke config (:func:`in_process.smoke_args`) with ``args`` (later ones win); with
-    ``faults`` (options of ``tests/e2e/faulty.py``) through that runner, which installs them first."""
+def faulty_run(workdir, cache_dir, faults) -> subprocess.CompletedProcess:
+    """``python -m train.main`` on the smoke config (:func:`in_process.smoke_args`) in a subprocess, through
+    ``tests/e2e/faulty.py``, which installs ``faults`` (its options) first: for the faults that end the process."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", **cache_env(cache_dir))
-    for key in FAULT_ENV:
-        env.pop(key, None)
+    env.pop("EPT_STOP_AFTER_STEP", None)
     set_xla_flags(env)
-    env.update(env_extra)
-    runner = ["-m", "train.main"]
-    if faults:
-        runner = [str(REPO / "tests" / "e2e" / "faulty.py"), *faults, "--", "train.main"]
-    cmd = [sys.executable, *runner, *smoke_args(workdir, args)]
+    cmd = [sys.executable, str(REPO / "tests" / "e2e" / "faulty.py"), *faults, "--", "train.main", *smoke_args(workdir)]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -106,7 +100,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 def test_kill_9_during_a_checkpoint_write_resumes_from_the_previous_one(reference, cache_dir, tmp_path):
     workdir = tmp_path / "killed"
-    out = cli(workdir, cache_dir, faults=["--kill_during_checkpoint=15"])
+    out = faulty_run(workdir, cache_dir, ["--kill_during_checkpoint=15"])
     assert out.returncode == -9, (out.returncode, out.stderr[-3000:])
     ckpts = workdir / "checkpoints"
     partial = [p for p in ckpts.iterdir() if p.name.startswith("15.orbax-checkpoint-tmp")]

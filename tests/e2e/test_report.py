@@ -37,7 +37,7 @@ def environment(cache_dir: Path) -> dict:
 
 def train(workdir: Path, args) -> None:
     """``train.main`` on the smoke config, in this process (tests/in_process.py)."""
-    out = train_main("--config", str(REPO / "configs/smoke.py"), "--workdir", str(workdir), *args)
+    out = train_main(*smoke_args(workdir, args, overrides=()))
     assert out.returncode == 0, out.stderr[-4000:]
 
 

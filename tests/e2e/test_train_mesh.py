@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from child_env import set_xla_flags
 from e2e_helpers import cache_env
-from in_process import train_main
+from in_process import smoke_args, train_main
 from shared_runs import once
 
 from train.logger import read_metrics
@@ -45,8 +45,7 @@ def train(workdir: Path, cache_dir: Path, mesh: dict) -> subprocess.CompletedPro
     env.pop("EPT_STOP_AFTER_STEP", None)
     set_xla_flags(env, devices=8)
     args = [f"--config.mesh.{axis}={size}" for axis, size in mesh.items()]
-    cmd = [sys.executable, "-m", "train.main", "--config", str(REPO / "configs/smoke.py"), "--workdir",
-           str(workdir), *OVERRIDES, *args]
+    cmd = [sys.executable, "-m", "train.main", *smoke_args(workdir, args, overrides=OVERRIDES)]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -58,7 +57,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single_device(tmp_path_factory):
     def make(root: Path) -> list:  # in this process (one device): tests/in_process.py
-        out = train_main("--config", str(REPO / "configs/smoke.py"), "--workdir", str(root / "one_device"), *OVERRIDES)
+        out = train_main(*smoke_args(root / "one_device", overrides=OVERRIDES))
         assert out.returncode == 0, out.stderr[-4000:]
         assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 1}" in out.stderr
         return read_metrics(root / "one_device")

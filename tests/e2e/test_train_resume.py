@@ -30,15 +30,14 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = SMOKE_STEPS  # the run test_reliability.py faults
 
 
-def command(workdir, args=()):
-    return [sys.executable, "-m", "train.main", *smoke_args(workdir, args)]
+def command(workdir):
+    return [sys.executable, "-m", "train.main", *smoke_args(workdir)]
 
 
-def environment(cache_dir, **extra):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", **cache_env(cache_dir), **extra)
+def environment(cache_dir):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", **cache_env(cache_dir))
     set_xla_flags(env)
     env.pop("EPT_STOP_AFTER_STEP", None)
-    env.update(extra)
     return env
 
 

@@ -18,19 +18,18 @@ import numpy as np
 import pytest
 from child_env import set_xla_flags
 from e2e_helpers import cache_env
-from in_process import train_main
+from in_process import smoke_args, train_main
 from shared_runs import completed, once, process
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def cli(args, workdir, cache_dir, env_extra=None, timeout=600):
-    """Runs ``python -m train.main`` with the smoke config; returns the CompletedProcess."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", **cache_env(cache_dir), **(env_extra or {}))
+def cli(workdir, cache_dir):
+    """Runs ``python -m train.main`` with the smoke config as it is; returns the CompletedProcess."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", **cache_env(cache_dir))
     set_xla_flags(env)
-    cmd = [sys.executable, "-m", "train.main", "--config", str(REPO / "configs/smoke.py"), "--workdir", str(workdir),
-           *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, "-m", "train.main", *smoke_args(workdir, overrides=())]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture
@@ -56,7 +55,7 @@ def shared_compilation_cache(smoke_run):
 def smoke_run(tmp_path_factory):
     def make(root: Path) -> dict:
         t0 = time.time()
-        out = cli([], root / "run", root / "jax_cache")
+        out = cli(root / "run", root / "jax_cache")
         return {"out": completed(out), "workdir": str(root / "run"), "seconds": time.time() - t0}
 
     r = once(tmp_path_factory, "smoke_run", make)  # once for the session (every worker reads it)
@@ -191,8 +190,8 @@ def test_scanned_layers_train_and_evaluate_like_unrolled_ones(tmp_path):
               "--config.train.steps=30", "--config.train.eval_every=30", "--config.train.checkpoint_every=30"]
     runs = {}
     for scan in (False, True):
-        out = train_main("--config", str(REPO / "configs/smoke.py"), "--workdir", str(tmp_path / f"scan_{scan}"),
-                         *deeper, f"--config.model.scan_layers={scan}")  # in this process: tests/in_process.py
+        out = train_main(*smoke_args(tmp_path / f"scan_{scan}", [*deeper, f"--config.model.scan_layers={scan}"],
+                                     overrides=()))  # in this process: tests/in_process.py
         assert out.returncode == 0, out.stderr[-4000:]
         runs[scan] = records(tmp_path / f"scan_{scan}")
     assert json.loads((tmp_path / "scan_True" / "config.json").read_text())["model"]["scan_layers"] is True
