@@ -179,3 +179,13 @@ def check_input(x: Array, d_in: int, task_ids: Array | None) -> None:
 def count_params(module: nnx.Module) -> int:
     """Number of trainable (``AdapterParam``) scalars in ``module``."""
     return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(module, AdapterParam)))
+
+
+def select_rows(rows: Array, ids: Array) -> Array:
+    """``rows[ids]`` (``rows (n, ...)``, ``ids (B,)`` int) as a product with the one-hot selection.
+
+    Exact (every other term is a zero; ``rows`` finite), and its gradient is a product too: a gather's is a
+    scatter, which XLA compiles as a loop, one in every adapted Linear of a training step.
+    """
+    onehot = jax.nn.one_hot(ids, rows.shape[0], dtype=rows.dtype)
+    return (onehot @ rows.reshape(rows.shape[0], -1)).reshape(ids.shape + rows.shape[1:])

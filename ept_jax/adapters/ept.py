@@ -25,6 +25,7 @@ from ept_jax.adapters.base import (
     check_task,
     draw_params,
     dtype_of,
+    select_rows,
     shape_bound,
 )
 from ept_jax.adapters.config import (
@@ -219,7 +220,7 @@ class EPTAdapter(Adapter):
             # top-k routing: only each example's routed experts are computed (exact: the rest weigh zero)
             experts = idx[task_ids] if self.routed and self.cfg.top_k is not None else None
             return pyramid_fast.forward_fast(
-                self.pyramid, x, A, B, kernels, rows[task_ids], experts, self.cfg.paper_dense_max_k
+                self.pyramid, x, A, B, kernels, select_rows(rows, task_ids), experts, self.cfg.paper_dense_max_k
             )
         fn = pyramid.forward_materialized if path == "materialized" else pyramid.forward_conv
         return fn(self.pyramid, x, A, B, kernels, rows, task_ids)

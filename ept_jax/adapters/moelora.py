@@ -26,6 +26,7 @@ from ept_jax.adapters.base import (
     check_task,
     draw_params,
     dtype_of,
+    select_rows,
 )
 from ept_jax.adapters.config import (
     AdapterConfig,
@@ -98,7 +99,7 @@ class MoELoRAAdapter(Adapter):
         a, b = self.A[...].astype(x.dtype), self.B[...].astype(x.dtype)
         n, re, _ = a.shape
         u = x @ a.reshape(n * re, self.d_in).T  # (B, ..., n * re)
-        g = jnp.repeat(self._row_weights().astype(x.dtype)[ctx.task_ids], re, axis=-1)  # (B, n * re)
+        g = jnp.repeat(select_rows(self._row_weights().astype(x.dtype), ctx.task_ids), re, axis=-1)  # (B, n * re)
         u = u * g.reshape(g.shape[:1] + (1,) * (x.ndim - 2) + g.shape[1:])
         return u @ jnp.transpose(b, (0, 2, 1)).reshape(n * re, self.d_out)
 

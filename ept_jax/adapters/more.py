@@ -37,6 +37,7 @@ from ept_jax.adapters.base import (
     check_task,
     draw_params,
     dtype_of,
+    select_rows,
 )
 from ept_jax.adapters.config import (
     VARIANTS,
@@ -147,7 +148,7 @@ class MoREAdapter(Adapter):
         else:
             p = self.gate_probs()
             k = jnp.argmax(p, axis=-1)
-            pk = jnp.take_along_axis(p, k[:, None], axis=-1)[:, 0]
+            pk = jnp.sum(p * jax.nn.one_hot(k, p.shape[-1], dtype=p.dtype), axis=-1)  # p[k]: exact, no scatter
             st = pk - jax.lax.stop_gradient(pk) + 1.0
             dt = p.dtype
         mask = (jnp.arange(r)[None, :] <= k[:, None]).astype(dt)
@@ -159,7 +160,7 @@ class MoREAdapter(Adapter):
         check_input(x, self.d_in, ctx.task_ids)
         x = dropout(x, self.cfg.dropout, ctx, self.cfg.dropout_impl)
         a, b = self.A[...].astype(x.dtype), self.B[...].astype(x.dtype)
-        w = self.rank_weights().astype(x.dtype)[ctx.task_ids]  # (B, r)
+        w = select_rows(self.rank_weights().astype(x.dtype), ctx.task_ids)  # (B, r)
         u = (x @ a.T) * w.reshape(w.shape[:1] + (1,) * (x.ndim - 2) + w.shape[1:])
         return u @ b.T
 

@@ -213,10 +213,14 @@ def route(gate_w: Array, gate_b: Array | None, task_embedding: Array, top_k: int
         return probs, jnp.broadcast_to(jnp.arange(n_experts), (n_rows, n_experts))
     if not 1 <= top_k <= n_experts:
         raise ValueError(f"top_k={top_k} must be in 1..{n_experts} (the number of experts) or None")
-    values, idx = lax.top_k(probs, top_k)
+    _, idx = lax.top_k(lax.stop_gradient(probs), top_k)
+    # The selected probabilities and their scatter back to every expert as products with the one-hot selection
+    # (exact: the other terms are zeros): their gradients are products too, where top_k's own gradient and a
+    # gather's are scatters, which XLA compiles as loops (one per adapted Linear).
+    onehot = jax.nn.one_hot(idx, n_experts, dtype=probs.dtype)  # (n_rows, top_k, n_experts)
+    values = jnp.einsum("rke,re->rk", onehot, probs)
     mix = jax.nn.softmax(values, axis=-1)
-    # one-hot scatter keeps the result differentiable in the selected values and static in shape.
-    dense = jnp.einsum("rk,rke->re", mix, jax.nn.one_hot(idx, n_experts, dtype=mix.dtype))
+    dense = jnp.einsum("rk,rke->re", mix, onehot)
     return dense, idx
 
 
@@ -526,4 +530,6 @@ def contrastive_loss(x0: Array, task_embedding: Array, task_ids: Array, tau: flo
     """
     logits = _l2_normalize(x0) @ _l2_normalize(task_embedding).T / tau  # (B, n_rows)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, task_ids[:, None].astype(jnp.int32), axis=-1))
+    # the target's log-probability as a product with its one-hot (exact: the other terms are zeros, logp is finite
+    # as |logits| <= 1 / tau): its gradient is a product, a gather's a scatter (a loop in XLA's program)
+    return -jnp.mean(jnp.sum(logp * jax.nn.one_hot(task_ids, logp.shape[-1], dtype=logp.dtype), axis=-1))

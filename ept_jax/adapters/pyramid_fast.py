@@ -78,7 +78,8 @@ def reference_fused_factors(p: Pyramid, A, B, kernels: Sequence[Array], weights:
     a_bank, bank = _reference_banks(p, A, B, kernels, weights.dtype)
     n_experts, r, d_out = bank.shape
     groups = p.groups
-    a_cat = a_bank[np.array([members[0] for _, members in groups])].reshape(len(groups) * r, -1)
+    # static rows (a gather's gradient would be a scatter, which XLA compiles as a loop)
+    a_cat = jnp.concatenate([a_bank[members[0]] for _, members in groups], 0)
     member = np.zeros((len(groups), n_experts), np.float32)
     for g, (_, members) in enumerate(groups):
         member[g, list(members)] = 1.0

@@ -207,6 +207,28 @@ def test_gradients_finite_and_only_routed_kernels_learn(variant, ref_adapter, pa
             assert float(jnp.abs(g[name][...]).max()) > 0, name
 
 
+@pytest.mark.parametrize("kw", [dict(variant="reference"), dict(variant="paper"),
+                                dict(kind="moelora_release", n_moe_experts=2), dict(kind="more", variant="reference"),
+                                dict(kind="more", variant="paper")],
+                         ids=["ept_reference", "ept_paper", "moelora_release", "more_reference", "more_paper"])
+def test_training_gradient_has_no_scatter(kw):
+    """The routed adapters select rows and routed values by products with one-hot matrices: a gather's (and
+    ``top_k``'s) gradient is a scatter, which XLA compiles as a loop, one per adapted Linear of a training step
+    (measured on the 3+3-block T5 of test_layer_scan: EPT's step compiled in 12.5 s with them, 8.5 s without)."""
+    dims = PAPER_DIMS if kw.get("variant") == "paper" else REF_DIMS
+    a = _build(_cfg(**kw), *dims)
+    graphdef, params, rest = nnx.split(a, AdapterParam, ...)
+    x = _inputs(2, a.d_in)
+
+    def loss(params):
+        m = nnx.merge(graphdef, params, rest)
+        aux = m.contrastive_loss(x, TASKS)
+        return jnp.sum(m(x, AdapterContext(task_ids=TASKS)) ** 2) + (0.0 if aux is None else aux)
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+    assert "gather" in str(jax.make_jaxpr(lambda r: r[TASKS])(jnp.ones((8, 2)))) and "scatter" not in jaxpr
+
+
 # ------------------------------------------------------------------------------------------------- init
 
 
